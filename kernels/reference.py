@@ -1,0 +1,216 @@
+"""Plain PyTorch references for every memory algorithm of mom_bench, in two forms that agree.
+
+One recurrence covers them all. With the state S of shape (K, V) per head, read as o_t = S_t^T q_t:
+
+    S'_t = Diag(a_t) S_{t-1}                          a_t = exp(g_t): decay (1 when g is None)
+    u_t  = beta_t (v_t - S'_t^T k_t)   if delta       the delta rule writes only what is new ...
+    u_t  = beta_t v_t                  otherwise       ... plain memories add every value
+    S_t  = S'_t + k_t u_t^T
+    o_t  = S_t^T (scale * q_t)
+
+| algorithm | g | beta | delta |
+|---|---|---|---|
+| linear attention | None | None | False |
+| scalar decay (Mamba-2 / SSD, RetNet) | (B, T, H) | None | False |
+| per-channel decay (GLA) | (B, T, H, K) | None | False |
+| delta rule (DeltaNet) | None | (B, T, H) | True |
+| gated delta rule (Gated DeltaNet) | (B, T, H) | (B, T, H) | True |
+| per-channel gated delta rule (KDA) | (B, T, H, K) | (B, T, H) | True |
+
+g is the log of the decay (<= 0). Tensors are (B, T, H, D) as in flash-linear-attention. With cu_seqlens
+(N + 1 offsets into the time axis) B must be 1 and each of the N segments starts from its own initial
+state; segments may be empty. States are (N or B, H, K, V) and always float32 (float64 for float64 inputs).
+
+`recurrent` steps token by token (the ground truth, and `step` is what decoding calls); `chunked` is the
+parallel form used for training on the CPU and as the reference for the Triton kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor],
+           cu_seqlens: Optional[Tensor], initial_state: Optional[Tensor]) -> None:
+    B, T, H, K = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be (B, T, H, V) = ({B}, {T}, {H}, V), got {tuple(v.shape)}")
+    if g is not None and g.shape not in ((B, T, H), (B, T, H, K)):
+        raise ValueError(f"g must be (B, T, H) or (B, T, H, K), got {tuple(g.shape)}")
+    if beta is not None and beta.shape != (B, T, H):
+        raise ValueError(f"beta must be (B, T, H), got {tuple(beta.shape)}")
+    N = B
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"with cu_seqlens the batch size must be 1, got {B}")
+        if cu_seqlens[0] != 0 or cu_seqlens[-1] != T or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu_seqlens.tolist()}")
+        N = len(cu_seqlens) - 1
+    if initial_state is not None and initial_state.shape != (N, H, K, v.shape[-1]):
+        raise ValueError(f"initial_state must be ({N}, {H}, {K}, {v.shape[-1]}), got {tuple(initial_state.shape)}")
+
+
+def step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, g: Optional[Tensor] = None,
+         beta: Optional[Tensor] = None, delta: bool = False, scale: Optional[float] = None,
+         normalize_qk: bool = False) -> Tuple[Tensor, Tensor]:
+    """One token for a batch: q, k (B, H, K), v (B, H, V), g (B, H) or (B, H, K), beta (B, H),
+    state (B, H, K, V). Returns (o (B, H, V) in q's dtype, new state)."""
+    dt = state.dtype
+    out_dtype = q.dtype
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    if normalize_qk:
+        q, k = l2norm(q), l2norm(k)
+    q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if g is not None:
+        decay = g.to(dt).exp()
+        state = state * (decay[..., None, None] if decay.dim() == 2 else decay[..., None])
+    u = v - torch.einsum("bhk,bhkv->bhv", k, state) if delta else v
+    if beta is not None:
+        u = u * beta.to(dt)[..., None]
+    state = state + k[..., :, None] * u[..., None, :]
+    o = torch.einsum("bhk,bhkv->bhv", q, state)
+    return o.to(out_dtype), state
+
+
+def recurrent(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None, beta: Optional[Tensor] = None,
+              delta: bool = False, scale: Optional[float] = None, initial_state: Optional[Tensor] = None,
+              cu_seqlens: Optional[Tensor] = None, normalize_qk: bool = False) -> Tuple[Tensor, Tensor]:
+    """Token-by-token reference. Returns (o (B, T, H, V), final state (N, H, K, V))."""
+    _check(q, k, v, g, beta, cu_seqlens, initial_state)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    bounds = [(b, 0, T) for b in range(B)] if cu_seqlens is None else [
+        (0, int(s), int(e)) for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+    dt = _compute_dtype(q)
+    o = torch.zeros(B, T, H, V, dtype=q.dtype, device=q.device)
+    finals = []
+    for n, (b, start, end) in enumerate(bounds):
+        S = (torch.zeros(H, K, V, dtype=dt, device=q.device) if initial_state is None
+             else initial_state[n].to(dt))[None]
+        for t in range(start, end):
+            o_t, S = step(q[b:b + 1, t], k[b:b + 1, t], v[b:b + 1, t], S,
+                          None if g is None else g[b:b + 1, t], None if beta is None else beta[b:b + 1, t],
+                          delta, scale, normalize_qk)
+            o[b, t] = o_t[0]
+        finals.append(S[0])
+    return o, torch.stack(finals)
+
+
+def _to_padded(x: Optional[Tensor], cu: Tensor, width: int) -> Optional[Tensor]:
+    """(1, T, ...) packed segments -> (N, width, ...), zero-padded at the end of each segment."""
+    if x is None:
+        return None
+    N = len(cu) - 1
+    out = x.new_zeros((N, width) + tuple(x.shape[2:]))
+    lens = (cu[1:] - cu[:-1]).tolist()
+    for n, (s, ln) in enumerate(zip(cu[:-1].tolist(), lens)):
+        out[n, :ln] = x[0, s:s + ln]
+    return out
+
+
+def chunked(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None, beta: Optional[Tensor] = None,
+            delta: bool = False, scale: Optional[float] = None, initial_state: Optional[Tensor] = None,
+            cu_seqlens: Optional[Tensor] = None, normalize_qk: bool = False,
+            chunk_size: int = 64) -> Tuple[Tensor, Tensor]:
+    """Chunk-parallel reference. Same arguments and results as `recurrent`.
+
+    Variable-length segments are padded to the longest one: a padded token has k = v = 0, beta = 0 and
+    g = 0, so it leaves the state exactly as it was and the final state is the segment's own.
+    """
+    _check(q, k, v, g, beta, cu_seqlens, initial_state)
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to("cpu", torch.long)
+        width = max(int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0, 1)
+        beta_p = _to_padded(beta if beta is not None or not delta else torch.ones_like(q[..., 0]), cu, width)
+        o_p, final = chunked(*(_to_padded(x, cu, width) for x in (q, k, v, g)), beta=beta_p, delta=delta,
+                             scale=scale, initial_state=initial_state, normalize_qk=normalize_qk,
+                             chunk_size=chunk_size)
+        o = torch.cat([o_p[n, :int(e - s)] for n, (s, e) in enumerate(zip(cu[:-1], cu[1:]))], 0)
+        return o[None], final
+
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dt = _compute_dtype(q)
+    out_dtype = v.dtype
+    # (B, H, T, D) layout and the compute dtype for everything below.
+    q, k, v = (x.to(dt).transpose(1, 2) for x in (q, k, v))
+    if normalize_qk:
+        q, k = l2norm(q), l2norm(k)
+    q = q * (K ** -0.5 if scale is None else scale)
+    per_channel = g is not None and g.dim() == 4
+    if g is None:
+        g = q.new_zeros(B, H, T, 1)
+    else:
+        g = g.to(dt).transpose(1, 2)
+        g = g if per_channel else g[..., None]
+    if beta is not None:
+        beta = beta.to(dt).transpose(1, 2)  # (B, H, T)
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt).clone()
+    o = q.new_empty(B, H, T, V)
+    C = chunk_size
+    for start in range(0, T, C):
+        sl = slice(start, min(start + C, T))
+        qc, kc, vc = q[:, :, sl], k[:, :, sl], v[:, :, sl]
+        G = g[:, :, sl].cumsum(2)  # log decay from the chunk start up to and including each token
+        n = qc.shape[2]
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        # Decay from token s to token t (s <= t): exp(G_t - G_s); masked before exp so it never overflows.
+        diff = (G[:, :, :, None, :] - G[:, :, None, :, :]).masked_fill(~causal[:, :, None], float("-inf"))
+        decay = diff.exp()  # (B, H, n, n, K or 1)
+        if per_channel:
+            A_qk = torch.einsum("bhtk,bhsk,bhtsk->bhts", qc, kc, decay)
+            A_kk = torch.einsum("bhtk,bhsk,bhtsk->bhts", kc, kc, decay)
+        else:
+            A_qk = (qc @ kc.transpose(-1, -2)) * decay[..., 0]
+            A_kk = (kc @ kc.transpose(-1, -2)) * decay[..., 0]
+        G_all = G.exp()  # decay from the chunk start
+        if delta:
+            b = beta[:, :, sl, None] if beta is not None else torch.ones_like(vc[..., :1])
+            # u = b * (v - S^T (G_all*k) - sum_{s<t} A_kk[t,s] u_s)  =>  (I + b*strict(A_kk)) u = rhs
+            lhs = torch.eye(n, dtype=dt, device=q.device) + b * A_kk.tril(-1)
+            rhs = b * (vc - (kc * G_all) @ S)
+            u = torch.linalg.solve_triangular(lhs, rhs, upper=False, unitriangular=True)
+        else:
+            u = vc * beta[:, :, sl, None] if beta is not None else vc
+        o[:, :, sl] = (qc * G_all) @ S + A_qk @ u
+        G_last = G[:, :, -1:]
+        S = G_last.exp().transpose(-1, -2) * S + (kc * (G_last - G).exp()).transpose(-1, -2) @ u
+    return o.transpose(1, 2).to(out_dtype), S
+
+
+# Named algorithms: the switches of the table above, so callers and tests read like the papers.
+def linear_attention(q, k, v, mode: str = "chunked", **kw):
+    return _MODES[mode](q, k, v, **kw)
+
+
+def scalar_decay(q, k, v, g, mode: str = "chunked", **kw):
+    return _MODES[mode](q, k, v, g=g, **kw)
+
+
+def gla(q, k, v, g, mode: str = "chunked", **kw):
+    return _MODES[mode](q, k, v, g=g, **kw)
+
+
+def delta_rule(q, k, v, beta, mode: str = "chunked", **kw):
+    return _MODES[mode](q, k, v, beta=beta, delta=True, **kw)
+
+
+def gated_delta_rule(q, k, v, g, beta, mode: str = "chunked", **kw):
+    return _MODES[mode](q, k, v, g=g, beta=beta, delta=True, **kw)
+
+
+_MODES = {"chunked": chunked, "recurrent": recurrent}
