@@ -110,15 +110,20 @@ def recurrent(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None, beta:
     return o, torch.stack(finals)
 
 
-def _to_padded(x: Optional[Tensor], cu: Tensor, width: int) -> Optional[Tensor]:
-    """(1, T, ...) packed segments -> (N, width, ...), zero-padded at the end of each segment."""
+def segment_positions(cu_seqlens: Tensor) -> Tuple[Tensor, Tensor]:
+    """For packed segments: the segment of every token and its position inside that segment."""
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    seg = torch.repeat_interleave(torch.arange(len(lens), device=cu_seqlens.device), lens)
+    pos = torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - cu_seqlens[seg]
+    return seg, pos
+
+
+def _to_padded(x: Optional[Tensor], seg: Tensor, pos: Tensor, n: int, width: int) -> Optional[Tensor]:
+    """(1, T, ...) packed segments -> (n, width, ...), zero-padded at the end of each segment."""
     if x is None:
         return None
-    N = len(cu) - 1
-    out = x.new_zeros((N, width) + tuple(x.shape[2:]))
-    lens = (cu[1:] - cu[:-1]).tolist()
-    for n, (s, ln) in enumerate(zip(cu[:-1].tolist(), lens)):
-        out[n, :ln] = x[0, s:s + ln]
+    out = x.new_zeros((n, width) + tuple(x.shape[2:]))
+    out[seg, pos] = x[0]
     return out
 
 
@@ -133,14 +138,16 @@ def chunked(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None, beta: O
     """
     _check(q, k, v, g, beta, cu_seqlens, initial_state)
     if cu_seqlens is not None:
-        cu = cu_seqlens.to("cpu", torch.long)
-        width = max(int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0, 1)
-        beta_p = _to_padded(beta if beta is not None or not delta else torch.ones_like(q[..., 0]), cu, width)
-        o_p, final = chunked(*(_to_padded(x, cu, width) for x in (q, k, v, g)), beta=beta_p, delta=delta,
-                             scale=scale, initial_state=initial_state, normalize_qk=normalize_qk,
-                             chunk_size=chunk_size)
-        o = torch.cat([o_p[n, :int(e - s)] for n, (s, e) in enumerate(zip(cu[:-1], cu[1:]))], 0)
-        return o[None], final
+        cu = cu_seqlens.to(q.device, torch.long)
+        n = len(cu) - 1
+        width = max(int((cu[1:] - cu[:-1]).max()) if n else 0, 1)
+        seg, pos = segment_positions(cu)
+        if delta and beta is None:  # padding must carry beta = 0, so spell out the implicit 1
+            beta = torch.ones_like(q[..., 0])
+        o_p, final = chunked(*(_to_padded(x, seg, pos, n, width) for x in (q, k, v, g)),
+                             beta=_to_padded(beta, seg, pos, n, width), delta=delta, scale=scale,
+                             initial_state=initial_state, normalize_qk=normalize_qk, chunk_size=chunk_size)
+        return o_p[seg, pos][None], final
 
     B, T, H, K = q.shape
     V = v.shape[-1]

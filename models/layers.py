@@ -1,0 +1,96 @@
+"""Building blocks shared by the mixers: norms, the short convolution, the MLP, rotary embeddings."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class GatedHeadNorm(nn.Module):
+    """RMSNorm over each head's output, gated by silu(gate): the output stage of the linear mixers."""
+
+    def __init__(self, head_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm = RMSNorm(head_dim, eps)
+
+    def forward(self, o: Tensor, gate: Tensor) -> Tensor:
+        """o: (..., H, V); gate: (..., H * V). Returns (..., H * V)."""
+        return self.norm(o).flatten(-2) * F.silu(gate)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution followed by SiLU, over packed segments.
+
+    Tokens come packed as (N, C) with their position inside their segment; a tap that would reach back
+    past the start of the segment reads zero. The decoding step keeps the last (width - 1) inputs of its
+    segment and starts from zeros, so both forms compute the same function.
+    """
+
+    def __init__(self, channels: int, width: int = 4):
+        super().__init__()
+        self.width = width
+        self.weight = nn.Parameter(torch.randn(channels, width) / width ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor, pos: Tensor) -> Tensor:
+        out = x * self.weight[:, -1] + self.bias
+        for j in range(1, self.width):
+            # x shifted down by j rows, zero where the tap crosses its segment's start
+            shifted = F.pad(x, (0, 0, j, 0))[: x.shape[0]]
+            out = out + shifted * (pos >= j)[:, None].to(x.dtype) * self.weight[:, -1 - j]
+        return F.silu(out)
+
+    def init_state(self, batch: int, device, dtype) -> Tensor:
+        return torch.zeros(batch, self.width - 1, self.weight.shape[0], device=device, dtype=dtype)
+
+    def step(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        """x: (B, C); state: (B, width - 1, C), oldest first."""
+        window = torch.cat([state, x[:, None]], 1)
+        out = torch.einsum("bwc,cw->bc", window, self.weight) + self.bias
+        return F.silu(out), window[:, 1:]
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, ratio: float = 4.0):
+        super().__init__()
+        hidden = int(2 * ratio * d_model / 3 + 7) // 8 * 8  # the usual 2/3 rule, rounded for the hardware
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, -1)
+        return self.down(F.silu(gate) * up)
+
+
+def rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
+    """Rotary position embedding on (..., T, D) with positions (T,)."""
+    half = x.shape[-1] // 2
+    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.float()[:, None] * freqs
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).to(x.dtype)
+
+
+def inverse_softplus(x: Tensor) -> Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+def upcast(x: Tensor) -> Tensor:
+    """At least float32: gates and mixing weights are computed in full precision under autocast."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))

@@ -1,0 +1,79 @@
+"""A language model around any mixer: embedding, pre-norm blocks, optional SwiGLU MLP, tied head.
+
+`pattern` lists one mixer name per layer, so hybrids (three MoM layers to one attention layer, say) are
+configs, not code. `forward` is the parallel form for training; `step` decodes one token with explicit
+per-layer state and computes the same function.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .layers import RMSNorm, SwiGLU
+
+Tensor = torch.Tensor
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, mixer: nn.Module, mlp: Optional[nn.Module]):
+        super().__init__()
+        self.norm1, self.mixer = RMSNorm(d_model), mixer
+        self.norm2, self.mlp = (RMSNorm(d_model), mlp) if mlp is not None else (None, None)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        y, aux = self.mixer(self.norm1(x))
+        x = x + y
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x, aux
+
+    def step(self, x: Tensor, state) -> Tuple[Tensor, object]:
+        y, state = self.mixer.step(self.norm1(x), state)
+        x = x + y
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x, state
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, vocab_size: int, d_model: int, mixers: List[nn.Module],
+                 mlp_factory: Optional[Callable[[], nn.Module]] = None, embed_dropout: float = 0.0):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.drop = nn.Dropout(embed_dropout)
+        self.blocks = nn.ModuleList(Block(d_model, m, mlp_factory() if mlp_factory else None) for m in mixers)
+        self.norm = RMSNorm(d_model)
+
+    def forward(self, input_ids: Tensor) -> Tuple[Tensor, Tensor]:
+        """Logits (B, T, V) and the summed auxiliary loss of the layers (0 without MoM layers)."""
+        x = self.drop(self.embed(input_ids))
+        aux = torch.zeros((), device=x.device)
+        for block in self.blocks:
+            x, a = block(x)
+            if a is not None:
+                aux = aux + a
+        return self.norm(x) @ self.embed.weight.T, aux  # tied head
+
+    def init_state(self, batch: int, device=None, dtype=torch.float32) -> List[object]:
+        device = device or self.embed.weight.device
+        return [b.mixer.init_state(batch, device, dtype) for b in self.blocks]
+
+    @torch.no_grad()
+    def step(self, token: Tensor, state: List[object]) -> Tuple[Tensor, List[object]]:
+        """One token (B,) -> logits (B, V) and the new state."""
+        x = self.embed(token)
+        new_state = []
+        for block, s in zip(self.blocks, state):
+            x, s = block.step(x, s)
+            new_state.append(s)
+        return self.norm(x) @ self.embed.weight.T, new_state
+
+    def state_size(self, seq_len: int) -> Dict[str, int]:
+        sizes = [b.mixer.state_size(seq_len) for b in self.blocks]
+        return {key: sum(s[key] for s in sizes) for key in ("total", "active")}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
