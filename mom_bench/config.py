@@ -31,7 +31,7 @@ class ModelConfig:
     num_memories: int = 4
     topk: int = 2
     shared_memory: bool = True
-    memory: str = "gated_delta"  # gated_delta | gla | linear
+    memory: str = "gated_delta"  # a kind of mom_bench.models.KINDS: gated_delta, delta, gla, mamba2, linear
     aux_loss_coef: float = 0.01
 
 
@@ -77,3 +77,70 @@ class RunConfig:
     results_dir: str = "outputs"  # run records land under <results_dir>/runs/
     sweep_name: str = "default"
     progress: bool = True
+
+
+# Values a type cannot express. Kept here, beside the schema, so the two stay in step.
+MLP_KINDS = ("none", "swiglu")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg) -> None:
+    """Raise ConfigError naming the first invalid key of a RunConfig (dataclass or DictConfig).
+
+    Runs before any work starts, so a bad sweep point fails in seconds, not after data generation.
+    """
+    # Imported here: the mixer registry pulls in torch and the kernels, which the schema does not need.
+    from mom_bench.models import KINDS, MIXERS
+
+    known = ", ".join(sorted(MIXERS))
+    m, d, o = cfg.model, cfg.data, cfg.optim
+    _require(m.mixer in MIXERS, "model.mixer", f"unknown mixer {m.mixer!r}; known: {known}")
+    if m.pattern is not None:
+        for name in m.pattern:
+            _require(name in MIXERS, "model.pattern", f"unknown mixer {name!r}; known: {known}")
+        _require(len(m.pattern) == m.n_layers, "model.pattern",
+                 f"has {len(m.pattern)} entries but model.n_layers is {m.n_layers}")
+    for key in ("d_model", "n_layers", "num_heads", "chunk_size", "num_memories", "topk"):
+        _require(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    _require(m.head_dim is None or m.head_dim > 0, "model.head_dim", f"must be positive, got {m.head_dim}")
+    _require(m.mlp_ratio > 0, "model.mlp_ratio", f"must be positive, got {m.mlp_ratio}")
+    _require(m.conv_size >= 0, "model.conv_size", f"must be >= 0 (0 disables it), got {m.conv_size}")
+    _require(0 <= m.embed_dropout < 1, "model.embed_dropout", f"must be in [0, 1), got {m.embed_dropout}")
+    _require(m.d_model % m.num_heads == 0, "model.d_model",
+             f"{m.d_model} is not divisible by model.num_heads={m.num_heads}")
+    _require(m.topk <= m.num_memories, "model.topk", f"{m.topk} exceeds model.num_memories={m.num_memories}")
+    _require(m.memory in KINDS, "model.memory", f"{m.memory!r} is not one of {', '.join(sorted(KINDS))}")
+    _require(m.mlp in MLP_KINDS, "model.mlp", f"{m.mlp!r} is not one of {', '.join(MLP_KINDS)}")
+
+    _require(len(d.train) > 0, "data.train", "needs at least one slice")
+    _require(len(d.test) > 0, "data.test", "needs at least one slice")
+    for split in ("train", "test"):
+        for i, s in enumerate(getattr(d, split)):
+            for key in ("seq_len", "num_kv_pairs", "num_examples"):
+                value = getattr(s, key)
+                _require(value > 0, f"data.{split}[{i}].{key}", f"must be positive, got {value}")
+    for key in ("vocab_size", "batch_size", "test_batch_size"):
+        _require(getattr(d, key) > 0, f"data.{key}", f"must be positive, got {getattr(d, key)}")
+
+    _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _require(o.epochs >= 1, "optim.epochs", f"must be at least 1, got {o.epochs}")
+    _require(0 < o.early_stop <= 1, "optim.early_stop", f"must be in (0, 1], got {o.early_stop}")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+             f"must be two values in [0, 1), got {list(o.betas)}")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables it), got {o.grad_clip}")
+    _require(cfg.device in DEVICES, "device", f"{cfg.device!r} is not one of {', '.join(DEVICES)}")
+
+
+def register_configs() -> None:
+    """Store the schema in Hydra's ConfigStore; conf/config.yaml lists it first in its defaults, so every
+    YAML file and command-line override is merged onto these dataclasses and type-checked."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)

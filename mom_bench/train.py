@@ -1,0 +1,213 @@
+"""One MQAR training run: ``train(cfg) -> record``.
+
+The Zoology protocol (mqar.md): AdamW, cosine schedule to 0, evaluation on every test slice after each
+epoch, early stop once the mean accuracy exceeds ``optim.early_stop``. A run never raises for a training
+failure: a non-finite loss, an out-of-memory error or a bug in a mixer is written into the run's record as
+``failed`` so that the other points of a sweep still run. Only an invalid config raises (ConfigError).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+import traceback
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from mom_bench import records
+from mom_bench.config import ConfigError, RunConfig, validate
+
+log = logging.getLogger(__name__)
+
+LOSS_POINTS = 200  # the loss curve keeps about this many (step, loss) points, whatever the run length
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite; the message says at which step."""
+
+
+def train(cfg: Any) -> Dict[str, Any]:
+    """Run one training run unless a complete record of it exists; return its record.
+
+    `cfg` is a RunConfig, or a dict or DictConfig (Hydra's), which is type-checked against RunConfig."""
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    config = OmegaConf.to_container(merged, resolve=True)
+    cfg = OmegaConf.to_object(merged)
+    validate(cfg)
+    rid = records.run_id(config)
+    path = records.record_path(cfg.results_dir, rid)
+    if records.is_complete(path):
+        log.info("skip %s: complete record exists at %s", rid, path)
+        return records.load_record(path)
+
+    record: Dict[str, Any] = {"run_id": rid, "status": "failed", "reason": None, "config": config,
+                              "started_at": records.now()}
+    start = time.perf_counter()
+    try:
+        _run(cfg, record)
+        record["status"] = "complete"
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- any failure of one run is recorded, the sweep goes on
+        record["reason"] = str(exc) if isinstance(exc, NonFiniteLoss) else f"{type(exc).__name__}: {exc}"
+        record["traceback"] = traceback.format_exc()[-3000:]
+        log.error("%s failed: %s", rid, record["reason"])
+    record["wall_time_s"] = round(time.perf_counter() - start, 3)
+    record["ended_at"] = records.now()
+    records.write_record(path, record)
+    if record["status"] == "complete":
+        log.info("%s: mean accuracy %.3f (epoch %d of %d), %.0f s", rid, record["mean_accuracy"],
+                 record["best_epoch"], record["epochs_run"], record["wall_time_s"])
+    return record
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but CUDA is not available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine from 1 to 0 over the remaining steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _batches(slices, batch_size: int, gen: torch.Generator) -> List[tuple]:
+    """(slice index, example indices) for one epoch: each batch comes from one slice, because slices can
+    have different lengths; the order of batches across slices is shuffled."""
+    out = []
+    for i, s in enumerate(slices):
+        perm = torch.randperm(len(s.inputs), generator=gen)
+        out += [(i, perm[j:j + batch_size]) for j in range(0, len(perm), batch_size)]
+    order = torch.randperm(len(out), generator=gen).tolist()
+    return [out[k] for k in order]
+
+
+@torch.no_grad()
+def evaluate(model, slices, batch_size: int, device: torch.device) -> Dict[str, float]:
+    """Accuracy per test slice, counted only where the target is not -100."""
+    from mom_bench.tasks.mqar import accuracy
+
+    model.eval()
+    result = {}
+    for s in slices:
+        correct = total = 0
+        for j in range(0, len(s.inputs), batch_size):
+            x = s.inputs[j:j + batch_size].to(device)
+            with _autocast(device):
+                logits, _ = model(x)
+            c, t = accuracy(logits.float(), s.targets[j:j + batch_size].to(device))
+            correct, total = correct + int(c), total + int(t)
+        result[s.name] = correct / max(total, 1)
+    model.train()
+    return result
+
+
+def _autocast(device: torch.device):
+    # bf16 on the GPU as in the reference runs; CPU stays fp32 (CPU bf16 is slow and changes the numbers).
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
+    from mom_bench.models import build_model
+    from mom_bench.tasks.mqar import build_mqar
+
+    _seed_everything(cfg.seed)
+    device = _device(cfg.device)
+    record["hardware"] = records.hardware(device.type)
+    train_slices, test_slices = build_mqar(cfg.data)
+    model = build_model(cfg.model, cfg.data.vocab_size).to(device)
+    state = model.state_size(max(s.seq_len for s in test_slices))  # attention's cache grows with length
+    record["model"] = {
+        "label": records.model_label(record["config"]["model"]), "mixer": cfg.model.mixer,
+        "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers,
+        "params": sum(p.numel() for p in model.parameters()),
+        "state_size": {**state, "total_bytes": 4 * state["total"], "active_bytes": 4 * state["active"]},
+    }
+
+    o = cfg.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = sum(math.ceil(len(s.inputs) / cfg.data.batch_size) for s in train_slices)
+    total = o.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: _lr_factor(k, o.warmup_steps, total))
+    log_every = max(1, total // LOSS_POINTS)
+    # The data is small next to GPU memory: move it once instead of copying every batch.
+    data = [(s.inputs.to(device), s.targets.to(device)) for s in train_slices]
+
+    curve: List[List[float]] = []
+    window: List[torch.Tensor] = []  # losses since the last check, kept on the device (no sync per step)
+    history: List[Dict[str, Any]] = []
+    step = tokens = 0
+    train_time = 0.0
+    best = {"mean": -1.0}
+
+    def check_losses() -> None:
+        # One host sync per window: find the first non-finite loss, else add the window's mean to the curve.
+        vals = torch.stack(window).float().cpu()
+        bad = (~torch.isfinite(vals)).nonzero()
+        if len(bad):
+            k = int(bad[0])
+            raise NonFiniteLoss(f"loss became {vals[k].item()} at step {step - len(vals) + k + 1}")
+        curve.append([step, round(vals.mean().item(), 5)])
+        window.clear()
+
+    bar = tqdm(total=total, disable=not cfg.progress, desc=record["run_id"][:40], dynamic_ncols=True)
+    model.train()
+    for epoch in range(1, o.epochs + 1):
+        t0 = time.perf_counter()
+        for i, idx in _batches(train_slices, cfg.data.batch_size, gen):
+            x, y = data[i][0][idx.to(device)], data[i][1][idx.to(device)]
+            with _autocast(device):
+                logits, aux = model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100) + aux
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if o.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            opt.step()
+            sched.step()
+            step, tokens = step + 1, tokens + x.numel()
+            window.append(loss.detach())
+            bar.update()
+            if len(window) == log_every:
+                check_losses()
+                shown = {"acc": round(history[-1]["mean"], 3)} if history else {}
+                bar.set_postfix(loss=curve[-1][1], **shown)
+        if window:
+            check_losses()  # before evaluating weights that may already be NaN
+        train_time += time.perf_counter() - t0
+
+        acc = evaluate(model, test_slices, cfg.data.test_batch_size, device)
+        mean = sum(acc.values()) / len(acc)
+        history.append({"epoch": epoch, "mean": mean, "accuracy": acc})
+        if mean > best["mean"]:
+            best = {"mean": mean, "epoch": epoch, "accuracy": acc}
+        bar.set_postfix(loss=curve[-1][1], acc=round(mean, 3))
+        if mean > o.early_stop:
+            break
+    bar.close()
+
+    record.update({
+        "accuracy": best["accuracy"], "mean_accuracy": best["mean"], "best_epoch": best["epoch"],
+        "epochs_run": epoch, "steps": step, "eval_history": history, "loss_curve": curve,
+        "train_tokens": tokens, "train_time_s": round(train_time, 3),
+        "throughput_tokens_per_s": round(tokens / max(train_time, 1e-9), 1),
+    })

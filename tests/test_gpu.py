@@ -1,0 +1,26 @@
+"""The same model on a GPU: runs under bf16 autocast, and agrees with itself on the CPU in fp32."""
+import pytest
+import torch
+
+from mom_bench.config import ModelConfig
+from mom_bench.models import MIXERS, build_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_cuda_matches_cpu_and_trains_under_bf16(mixer):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(mixer=mixer, d_model=64, num_heads=2, embed_dropout=0.0), 100)
+    ids = torch.randint(0, 100, (4, 130))
+    ref, _ = model(ids)
+    gpu = model.cuda()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out, _ = gpu(ids.cuda())
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits, aux = gpu(ids.cuda())
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.cuda().flatten()) + aux
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in gpu.parameters() if p.grad is not None)
