@@ -1,0 +1,238 @@
+"""The Triton kernels of kernels/triton_chunk.py against the PyTorch reference (fresh random inputs).
+
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before triton is
+imported) at tiny fp32 shapes, compared with the reference computed in fp64: output, final state and the
+gradient of every input. The tests marked `gpu` repeat the comparisons on CUDA at real sizes in fp32
+and bf16 (tiny tests run on the GPU too when there is one).
+"""
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from mom_bench.kernels import reference as R  # noqa: E402
+from mom_bench.kernels import triton_chunk as TC  # noqa: E402
+
+if not CUDA and not TC.INTERPRET and os.environ.get("TRITON_INTERPRET") == "1":
+    TC = importlib.reload(TC)  # imported before the interpreter was switched on: compile for it again
+
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(not CUDA and not TC.INTERPRET, reason="needs CUDA or TRITON_INTERPRET=1")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+# name: (decay: None, "scalar" (B, T, H) or "channel" (B, T, H, K); beta; delta rule)
+ALGORITHMS = {
+    "linear_attention": (None, False, False),
+    "scalar_decay": ("scalar", False, False),
+    "gla": ("channel", False, False),
+    "delta_rule": (None, True, True),
+    "gated_delta_rule": ("scalar", True, True),
+    "kda": ("channel", True, True),
+}
+NAMES = ["q", "k", "v", "g", "beta", "initial_state"]
+
+
+def make_inputs(algo, B, T, H, K, V, seed, h0=True, N=None, spec=None):
+    """fp64 inputs on DEVICE. Keys have norm about 1, so the delta rule is stable without normalize_qk."""
+    decay, use_beta, delta = spec or ALGORITHMS[algo]
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, device=DEVICE, dtype=torch.float64)
+    x = dict(q=r(B, T, H, K), k=r(B, T, H, K) * K ** -0.5, v=r(B, T, H, V))
+    if decay == "scalar":
+        x["g"] = F.logsigmoid(r(B, T, H) + 2)
+    if decay == "channel":
+        x["g"] = F.logsigmoid(r(B, T, H, K))
+    if use_beta:
+        x["beta"] = torch.rand(B, T, H, generator=gen, device=DEVICE, dtype=torch.float64)
+    if h0:
+        x["initial_state"] = r(N or B, H, K, V)
+    return x, delta
+
+
+def run(fn, inputs, dtype, use=("o", "state"), seed=1, **kw):
+    """Output, final state and the gradients of a random projection of both, all as fp64.
+
+    q, k, v and beta go in as `dtype`, g and the initial state as fp32 (fp64 for the fp64 reference);
+    the projection weights are rounded to the output's dtype so both sides see the same do."""
+    aux = torch.float64 if dtype == torch.float64 else torch.float32
+    leaves = {n: x.detach().to(aux if n in ("g", "initial_state") else dtype).requires_grad_(True)
+              for n, x in inputs.items()}
+    o, s = fn(**leaves, **kw)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    w_o = torch.randn(o.shape, generator=gen, device=DEVICE).to(o.dtype).double()
+    w_s = torch.randn(s.shape, generator=gen, device=DEVICE).double()
+    loss = (o.double() * w_o).sum() * ("o" in use) + (s.double() * w_s).sum() * ("state" in use)
+    loss.backward()
+    out = {"o": o.detach().double(), "final_state": s.detach().double()}
+    for n in NAMES:  # a reference's input that no token reads (T = 0) gets no gradient
+        if n in leaves:
+            grad = leaves[n].grad
+            out["d" + n] = (torch.zeros_like(leaves[n]) if grad is None else grad).double()
+    return out
+
+
+def compare(got, ref, tol, metric="max"):
+    """Relative errors: max |got - ref| / max |ref| ("max") or ||got - ref|| / ||ref|| ("rms")."""
+    bad = []
+    for name, r in ref.items():
+        g = got[name]
+        assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)} != {tuple(r.shape)}"
+        if r.numel() == 0:
+            continue
+        if metric == "max":
+            err = ((g - r).abs().max() / r.abs().max().clamp_min(1e-12)).item()
+        else:
+            err = ((g - r).norm() / r.norm().clamp_min(1e-12)).item()
+        t = tol[name] if isinstance(tol, dict) else tol
+        if not err <= t:
+            bad.append(f"{name}: {err:.2e} > {t:.0e}")
+    assert not bad, "; ".join(bad)
+
+
+def check(algo, B, T, H, K, V, chunk, h0, norm, seed, tol=2e-5, spec=None, cu_seqlens=None, N=None,
+          scale=None, dtype=torch.float32, metric="max"):
+    inputs, delta = make_inputs(algo, B, T, H, K, V, seed, h0=h0, N=N, spec=spec)
+    kw = dict(delta=delta, normalize_qk=norm, chunk_size=chunk, cu_seqlens=cu_seqlens, scale=scale)
+    rounded = {n: (x.to(dtype).double() if n in ("q", "k", "v", "beta") else x) for n, x in inputs.items()}
+    ref = run(R.chunked, rounded, torch.float64, **kw)
+    got = run(TC.chunk_memory, inputs, dtype, **kw)
+    compare(got, ref, tol, metric)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny shapes: the CPU interpreter (or the GPU when there is one), fp32
+# ---------------------------------------------------------------------------------------------------
+
+# (chunk, initial state, normalize_qk, B, H): T = 45 is a multiple of neither chunk size.
+CASES = {
+    "c16": (16, False, False, 2, 1),
+    "c16_h0_norm": (16, True, True, 1, 2),
+    "c32_h0": (32, True, False, 2, 1),
+    "c32_norm": (32, False, True, 1, 2),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_chunk_matches_reference(algo, case):
+    chunk, h0, norm, B, H = CASES[case]
+    check(algo, B, 45, H, 16, 32, chunk, h0, norm, seed=hash((algo, case)) % 2**31)
+
+
+@pytest.mark.parametrize("spec", [(None, True, False), ("scalar", False, True), ("channel", False, True)],
+                         ids=["beta_without_delta", "gated_delta_without_beta", "kda_without_beta"])
+def test_other_switches(spec):
+    """beta scales a plain write; the delta rule without beta (beta = 1); K > V, explicit scale."""
+    check(None, 1, 21, 1, 32, 16, 16, True, False, seed=5, spec=spec, scale=0.3)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_varlen_with_empty_and_short_segments(algo):
+    lens = [0, 1, 17, 0, 33, 16, 2]
+    cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0)
+    check(algo, 1, sum(lens), 1, 16, 32, 16, True, ALGORITHMS[algo][2], seed=11, cu_seqlens=cu, N=len(lens))
+
+
+def test_empty_sequences():
+    cu = torch.zeros(3, dtype=torch.long, device=DEVICE)
+    check("gated_delta_rule", 1, 0, 2, 16, 16, 16, True, True, seed=2, cu_seqlens=cu, N=2)
+    check("scalar_decay", 2, 0, 1, 16, 16, 16, True, False, seed=2)
+
+
+@pytest.mark.parametrize("use", [("o",), ("state",)], ids=["output_only", "state_only"])
+def test_loss_of_one_output_and_no_initial_state(use):
+    """The gradient of an output the loss ignores comes as None; chunk_size 8 is a hint (16 is used)."""
+    inputs, delta = make_inputs("gated_delta_rule", 2, 20, 1, 16, 16, seed=3, h0=False)
+    kw = dict(delta=delta, normalize_qk=True, chunk_size=8)
+    ref = run(R.chunked, inputs, torch.float64, use=use, **kw)
+    got = run(TC.chunk_memory, inputs, torch.float32, use=use, **kw)
+    compare(got, ref, 2e-5)
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_step_matches_reference(algo):
+    delta = ALGORITHMS[algo][2]
+    B, H, K, V = 2, 2, 16, 32
+    x, _ = make_inputs(algo, B, 1, H, K, V, seed=7)
+    one = {n: (t[:, 0] if n != "initial_state" else t) for n, t in x.items()}
+    kw = dict(q=one["q"], k=one["k"], v=one["v"], g=one.get("g"), beta=one.get("beta"), delta=delta,
+              normalize_qk=delta)
+    o_ref, s_ref = R.step(state=one["initial_state"], **kw)
+    o, s = TC.step_memory(state=one["initial_state"].float(), **{n: (t.float() if torch.is_tensor(t) else t)
+                                                                   for n, t in kw.items()})
+    compare({"o": o.double(), "state": s.double()}, {"o": o_ref, "state": s_ref}, 2e-6)
+
+
+@pytest.mark.parametrize("algo", ["gated_delta_rule", "kda"])
+def test_decoding_continues_the_chunked_form(algo):
+    """chunk_memory over a prefix, then step_memory token by token, equals chunk_memory over all."""
+    delta = ALGORITHMS[algo][2]
+    x, _ = make_inputs(algo, 1, 20, 2, 16, 16, seed=9)
+    x = {n: t.float() for n, t in x.items()}
+    seq = {n: t for n, t in x.items() if n != "initial_state"}
+    kw = dict(delta=delta, normalize_qk=True)
+    o_all, s_all = TC.chunk_memory(**seq, initial_state=x["initial_state"], chunk_size=16, **kw)
+    prefix = {n: t[:, :17] for n, t in seq.items()}
+    o, s = TC.chunk_memory(**prefix, initial_state=x["initial_state"], chunk_size=16, **kw)
+    outs = [o]
+    for t in range(17, 20):
+        o_t, s = TC.step_memory(state=s, **{n: v[:, t] for n, v in seq.items()}, **kw)
+        outs.append(o_t[:, None])
+    compare({"o": torch.cat(outs, 1), "state": s}, {"o": o_all, "state": s_all}, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU: real head dims and lengths, fp32 and bf16, every gradient against the reference
+# ---------------------------------------------------------------------------------------------------
+
+GPU_TOL = {torch.float32: (2e-4, "max"), torch.bfloat16: (1e-2, "rms")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("T", [1, 63, 64, 1000])
+@pytest.mark.parametrize("algo", ALGORITHMS)
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_chunk_matches_reference(algo, T, D, dtype):
+    tol, metric = GPU_TOL[dtype]
+    check(algo, 2, T, 2, D, D, 64, True, ALGORITHMS[algo][2], seed=T + D, tol=tol, dtype=dtype, metric=metric)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("algo", ALGORITHMS)
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_varlen(algo, D, dtype):
+    lens = [0, 1, 700, 64, 0, 63, 1, 129]
+    cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0)
+    tol, metric = GPU_TOL[dtype]
+    check(algo, 1, sum(lens), 2, D, D, 64, True, ALGORITHMS[algo][2], seed=D, cu_seqlens=cu, N=len(lens),
+          tol=tol, dtype=dtype, metric=metric)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("algo", ALGORITHMS)
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_step(algo, D, dtype):
+    delta = ALGORITHMS[algo][2]
+    x, _ = make_inputs(algo, 8, 1, 4, D, D, seed=D)
+    one = {n: (t[:, 0] if n != "initial_state" else t) for n, t in x.items()}
+    kw = dict(g=one.get("g"), beta=one.get("beta"), delta=delta, normalize_qk=delta)
+    qkv = {n: one[n].to(dtype) for n in ("q", "k", "v")}
+    o_ref, s_ref = R.step(**{n: t.double() for n, t in qkv.items()}, state=one["initial_state"], **kw)
+    o, s = TC.step_memory(**qkv, state=one["initial_state"].float(),
+                          **{n: (t.float() if torch.is_tensor(t) else t) for n, t in kw.items()})
+    assert o.dtype == dtype and s.dtype == torch.float32
+    tol, metric = GPU_TOL[dtype]
+    compare({"o": o.double(), "state": s.double()}, {"o": o_ref, "state": s_ref}, tol, metric)
