@@ -1,21 +1,58 @@
 """The shared memory core of every mom_bench mixer.
 
 `memory_op` runs the chunked (parallel) form, `memory_step` one decoding step. Both take the switches of
-`reference` (decay g, beta, delta rule, q/k normalisation). The PyTorch references are the CPU backend;
-the Triton kernels plug in here for CUDA tensors, so models never choose a backend themselves.
+`reference` (decay g, beta, delta rule, q/k normalisation). Two backends compute the same function:
+the PyTorch references (`reference.py`) and the Triton kernels (`triton_chunk.py`). Models never pick
+one; the switch here does:
+
+    MOM_BENCH_BACKEND=torch | triton | auto   (or `set_backend(...)`)
+
+`auto` (the default) is the PyTorch reference everywhere for now: the Triton kernels pass their tests
+under the CPU interpreter and passed the GPU suite on an H200 before their last edits, and become the
+default on CUDA once that suite passes again on the final code. `triton` forces them (on the CPU that
+needs TRITON_INTERPRET=1 set before the first import).
 """
+import os
+
 from . import reference
 from .reference import l2norm, segment_positions
+
+BACKENDS = ("torch", "triton", "auto")
+_backend = os.environ.get("MOM_BENCH_BACKEND", "auto")
+
+
+def set_backend(name: str) -> None:
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def _triton():
+    """The Triton module when the switch asks for it, else None (imported lazily: triton is optional)."""
+    if _backend != "triton":
+        return None
+    from . import triton_chunk
+    return triton_chunk
 
 
 def memory_op(q, k, v, g=None, beta=None, delta=False, scale=None, initial_state=None, cu_seqlens=None,
               normalize_qk=False, chunk_size=64):
-    return reference.chunked(q, k, v, g=g, beta=beta, delta=delta, scale=scale, initial_state=initial_state,
-                             cu_seqlens=cu_seqlens, normalize_qk=normalize_qk, chunk_size=chunk_size)
+    kw = dict(g=g, beta=beta, delta=delta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+              normalize_qk=normalize_qk, chunk_size=chunk_size)
+    tc = _triton()
+    return tc.chunk_memory(q, k, v, **kw) if tc else reference.chunked(q, k, v, **kw)
 
 
 def memory_step(q, k, v, state, g=None, beta=None, delta=False, scale=None, normalize_qk=False):
-    return reference.step(q, k, v, state, g=g, beta=beta, delta=delta, scale=scale, normalize_qk=normalize_qk)
+    kw = dict(g=g, beta=beta, delta=delta, scale=scale, normalize_qk=normalize_qk)
+    tc = _triton()
+    return tc.step_memory(q, k, v, state, **kw) if tc else reference.step(q, k, v, state, **kw)
 
 
-__all__ = ["memory_op", "memory_step", "reference", "l2norm", "segment_positions"]
+__all__ = ["memory_op", "memory_step", "set_backend", "get_backend", "reference", "l2norm",
+           "segment_positions"]
