@@ -1,4 +1,4 @@
-"""Command line: `python -m mom_bench {train,sweep,table} ...`.
+"""Command line: `python -m mom_bench {train,sweep,table,report} ...`.
 
 `train` and `sweep` hand their arguments to one Hydra app; scaling out is Hydra's job (multirun with a
 launcher plugin: conf/launcher/), so there is no scheduler here. `sweep` only adds `sweep=default` when
@@ -15,7 +15,10 @@ commands:
   train [overrides]     one MQAR training run, e.g. train model=mom model.d_model=128 optim.lr=3e-3
   sweep [overrides]     a Hydra multirun of a sweep file (default: sweep=default), e.g.
                         sweep sweep=zoology_fig2_reduced launcher=parallel hydra.launcher.n_jobs=4
-  table <results_dir>   rewrite table.csv, table.md and accuracy.png from the run records
+  table <results_dir>   rewrite table.csv, table.md and accuracy.png (and <results_dir>/report/)
+  report <root> [--out DIR] [--no-execute]
+                        tables (CSV, Markdown, LaTeX), figures (PNG, SVG) and an executed notebook
+                        from every run record under <root>, into DIR (default: <root>/report)
 
 `python -m mom_bench train --help` lists the config groups and their options (Hydra's help).
 Runs write <results_dir>/runs/<run_id>.json; a run with a complete record is skipped.
@@ -61,6 +64,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from mom_bench.summary import main as table
 
         return table(rest)
+    if command == "report":
+        from mom_bench.report import main as report
+
+        return report(rest)
     if command not in ("train", "sweep"):
         print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
