@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 Tensor = torch.Tensor
 

@@ -1,7 +1,7 @@
 """Building blocks shared by the mixers: norms, the short convolution, the MLP, rotary embeddings."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn

@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .layers import RMSNorm, SwiGLU
+from .layers import RMSNorm
 
 Tensor = torch.Tensor
 
