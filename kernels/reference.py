@@ -196,27 +196,3 @@ def chunked(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None, beta: O
         G_last = G[:, :, -1:]
         S = G_last.exp().transpose(-1, -2) * S + (kc * (G_last - G).exp()).transpose(-1, -2) @ u
     return o.transpose(1, 2).to(out_dtype), S
-
-
-# Named algorithms: the switches of the table above, so callers and tests read like the papers.
-def linear_attention(q, k, v, mode: str = "chunked", **kw):
-    return _MODES[mode](q, k, v, **kw)
-
-
-def scalar_decay(q, k, v, g, mode: str = "chunked", **kw):
-    return _MODES[mode](q, k, v, g=g, **kw)
-
-
-def gla(q, k, v, g, mode: str = "chunked", **kw):
-    return _MODES[mode](q, k, v, g=g, **kw)
-
-
-def delta_rule(q, k, v, beta, mode: str = "chunked", **kw):
-    return _MODES[mode](q, k, v, beta=beta, delta=True, **kw)
-
-
-def gated_delta_rule(q, k, v, g, beta, mode: str = "chunked", **kw):
-    return _MODES[mode](q, k, v, g=g, beta=beta, delta=True, **kw)
-
-
-_MODES = {"chunked": chunked, "recurrent": recurrent}
