@@ -7,10 +7,9 @@ one; the switch here does:
 
     MOM_BENCH_BACKEND=torch | triton | auto   (or `set_backend(...)`)
 
-`auto` (the default) is the PyTorch reference everywhere for now: the Triton kernels pass their tests
-under the CPU interpreter and passed the GPU suite on an H200 before their last edits, and become the
-default on CUDA once that suite passes again on the final code. `triton` forces them (on the CPU that
-needs TRITON_INTERPRET=1 set before the first import).
+`auto` (the default) runs the Triton kernels on CUDA tensors and the references on the CPU, where Triton
+has no compiler. `torch` forces the references everywhere (the baseline for checking the kernels on a
+GPU); `triton` forces the kernels (on the CPU that needs TRITON_INTERPRET=1 set before the first import).
 """
 import os
 
@@ -32,9 +31,10 @@ def get_backend() -> str:
     return _backend
 
 
-def _triton():
-    """The Triton module when the switch asks for it, else None (imported lazily: triton is optional)."""
-    if _backend != "triton":
+def _triton(x):
+    """The Triton module when the switch asks for it for tensor x, else None (imported lazily: triton is
+    needed only where it runs)."""
+    if _backend == "torch" or (_backend == "auto" and not x.is_cuda):
         return None
     from . import triton_chunk
     return triton_chunk
@@ -44,13 +44,13 @@ def memory_op(q, k, v, g=None, beta=None, delta=False, scale=None, initial_state
               normalize_qk=False, chunk_size=64):
     kw = dict(g=g, beta=beta, delta=delta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
               normalize_qk=normalize_qk, chunk_size=chunk_size)
-    tc = _triton()
+    tc = _triton(q)
     return tc.chunk_memory(q, k, v, **kw) if tc else reference.chunked(q, k, v, **kw)
 
 
 def memory_step(q, k, v, state, g=None, beta=None, delta=False, scale=None, normalize_qk=False):
     kw = dict(g=g, beta=beta, delta=delta, scale=scale, normalize_qk=normalize_qk)
-    tc = _triton()
+    tc = _triton(q)
     return tc.step_memory(q, k, v, state, **kw) if tc else reference.step(q, k, v, state, **kw)
 
 

@@ -19,6 +19,9 @@ commands:
   report <root> [--out DIR] [--no-execute]
                         tables (CSV, Markdown, LaTeX), figures (PNG, SVG) and an executed notebook
                         from every run record under <root>, into DIR (default: <root>/report)
+  bench [--suite kernel,layer,decode,generate] [--quick] [--out DIR]
+                        time our Triton core and layers against flash-linear-attention and SDPA
+                        side by side on one GPU; prints a table of times and ratios
 
 `python -m mom_bench train --help` lists the config groups and their options (Hydra's help).
 Runs write <results_dir>/runs/<run_id>.json; a run with a complete record is skipped.
@@ -68,6 +71,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from mom_bench.report import main as report
 
         return report(rest)
+    if command == "bench":
+        from mom_bench.bench import main as bench
+
+        return bench(rest)
     if command not in ("train", "sweep"):
         print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -58,3 +58,20 @@ def test_mixer_on_triton_equals_reference(case, backend, monkeypatch):
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="backend must be one of torch, triton, auto"):
         kernels.set_backend("cuda")
+
+
+def test_auto_picks_triton_exactly_on_cuda(backend, monkeypatch):
+    """`auto` sends CUDA tensors to the kernels and CPU tensors to the reference."""
+    from mom_bench.kernels import reference, triton_chunk
+
+    calls = []
+    monkeypatch.setattr(triton_chunk, "chunk_memory", lambda *a, **kw: calls.append("triton"))
+    monkeypatch.setattr(reference, "chunked", lambda *a, **kw: calls.append("torch"))
+    backend("auto")
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        q = torch.zeros(1, 4, 1, 8, device=device)
+        kernels.memory_op(q, q, q)
+    assert calls == ["torch"] + (["triton"] if torch.cuda.is_available() else [])
+    backend("torch")
+    kernels.memory_op(torch.zeros(1, 4, 1, 8, device=DEVICE), *[torch.zeros(1, 4, 1, 8, device=DEVICE)] * 2)
+    assert calls[-1] == "torch"

@@ -24,3 +24,21 @@ def test_cuda_matches_cpu_and_trains_under_bf16(mixer):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in gpu.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_cuda_decoding_with_step_kernel_reproduces_forward(mixer):
+    """On CUDA `auto` runs the chunk kernels in forward and the step kernel in decoding: same function."""
+    from mom_bench import kernels
+
+    assert kernels.get_backend() == "auto"
+    torch.manual_seed(1)
+    cfg = ModelConfig(mixer=mixer, d_model=128, num_heads=2, embed_dropout=0.0, num_memories=4, topk=2)
+    model = build_model(cfg, 100).cuda().eval()
+    ids = torch.randint(0, 100, (3, 70), device="cuda")
+    logits, _ = model(ids)
+    state, stepped = model.init_state(3), []
+    for t in range(ids.shape[1]):
+        out, state = model.step(ids[:, t], state)
+        stepped.append(out)
+    torch.testing.assert_close(torch.stack(stepped, 1), logits, rtol=2e-3, atol=2e-3)

@@ -1,0 +1,62 @@
+"""The benchmark's bookkeeping (ratios, memory ratios, failures, the table) and its command line.
+
+The timings themselves need a GPU (`python -m mom_bench bench`); here the clock is replaced by a fake one
+so that the arithmetic on the measured numbers is checked exactly.
+"""
+import pytest
+
+from mom_bench import bench
+
+
+def fake_case():
+    def contender(name, ms):
+        def build():
+            if ms is None:
+                raise RuntimeError("CUDA out of memory\nmore lines")
+            return {"fwd": lambda: ms, "fwd+bwd": lambda: 3 * ms}
+        return bench.Contender(name, build)
+
+    return bench.Case("layer", "toy", 2, 8, [contender("ours", 1.0), contender("theirs", 4.0),
+                                             contender("broken", None)], reference="theirs", memory=True)
+
+
+def test_ratios_divide_by_the_reference_and_failures_are_kept(monkeypatch):
+    monkeypatch.setattr(bench, "time_ms", lambda fn, rep: fn())
+    monkeypatch.setattr(bench, "peak_mb", lambda fn: 10 * fn())
+    monkeypatch.setattr(bench.torch.cuda, "empty_cache", lambda: None)
+    case, log = fake_case(), []
+    bench.run_case(case, rep=1, log=log.append)
+    rows = {(r["name"], r["pass"]): r for r in case.rows}
+    assert rows["ours", "fwd"]["ratio"] == pytest.approx(0.25)
+    assert rows["ours", "fwd+bwd"]["ratio"] == pytest.approx(0.25)
+    assert rows["theirs", "fwd"]["ratio"] == pytest.approx(1.0)
+    assert rows["ours", "fwd+bwd"]["memory_ratio"] == pytest.approx(0.25)  # 30 MB against 120 MB
+    assert "peak_mb" not in rows["ours", "fwd"]  # memory is measured for fwd+bwd only
+    assert rows["ours", "fwd"]["tokens_per_s"] == pytest.approx(2 * 8 / 1e-3)
+    assert rows["broken", "-"]["error"] == "RuntimeError: CUDA out of memory"
+    assert len(log) == 3
+    text = bench.markdown([case], dict(device_name="GPU", torch="x"), "python -m mom_bench bench")
+    assert "| ours | fwd+bwd | 3.000 | 0.25 | 30 | 0.25 |" in text
+    assert "| broken | - | failed: RuntimeError: CUDA out of memory |" in text
+
+
+def test_every_suite_builds_its_cases_without_running_them(monkeypatch):
+    cases = bench.build_cases(bench.SUITES, dtype=None, quick=True)
+    assert [c.suite for c in cases] == ["kernel", "kernel", "layer", "layer", "decode", "generate"]
+    for c in cases:
+        assert c.reference in [x.name for x in c.contenders], c.name
+    full = bench.build_cases(["layer", "decode"], dtype=None, quick=False)
+    assert [c.seq_len for c in full if c.suite == "layer"] == [2048, 16384, 512]
+    assert [x.name for x in full[-1].contenders][1:] == ["SDPA KV cache 1K", "SDPA KV cache 8K",
+                                                         "SDPA KV cache 32K"]
+
+
+def test_command_line_errors(capsys):
+    from mom_bench.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--suite", "kernel,nope"])
+    assert "unknown suite(s) nope" in capsys.readouterr().err
+    if not bench.torch.cuda.is_available():
+        assert main(["bench", "--suite", "kernel"]) == 1
+        assert "needs a CUDA GPU" in capsys.readouterr().err
