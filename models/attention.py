@@ -1,4 +1,4 @@
-"""Softmax attention (SDPA) with rotary positions; decoding keeps a KV cache."""
+"""Softmax attention (SDPA) with rotary positions; decoding keeps a KV cache, which `prefill` fills."""
 from __future__ import annotations
 
 from typing import Dict, Tuple
@@ -26,11 +26,16 @@ class Attention(nn.Module):
         return q, k, v  # each (..., H, D)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, None]:
+        return self.prefill(x)[0], None
+
+    def prefill(self, x: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """The parallel form over a prompt, plus its KV cache (keys already rotated, as `step` keeps them)."""
         B, T, _ = x.shape
         q, k, v = (t.transpose(1, 2) for t in self._heads(x))  # (B, H, T, D)
         pos = torch.arange(T, device=x.device)
-        o = F.scaled_dot_product_attention(rotary(q, pos), rotary(k, pos), v, is_causal=True)
-        return self.out(o.transpose(1, 2).flatten(2)), None
+        k = rotary(k, pos)
+        o = F.scaled_dot_product_attention(rotary(q, pos), k, v, is_causal=True)
+        return self.out(o.transpose(1, 2).flatten(2)), {"k": k, "v": v}
 
     def init_state(self, batch: int, device, dtype) -> Dict[str, Tensor]:
         empty = torch.zeros(batch, self.num_heads, 0, self.head_dim, device=device, dtype=dtype)

@@ -55,6 +55,14 @@ class ShortConv(nn.Module):
             out = out + shifted * (pos >= j)[:, None].to(x.dtype) * self.weight[:, -1 - j]
         return F.silu(out)
 
+    def tail(self, x: Tensor, cu_seqlens: Tensor) -> Tensor:
+        """The decoding state after packed segments: each segment's last (width - 1) inputs, oldest first,
+        zero where the segment is shorter (as `init_state` starts). x: (N, C) -> (segments, width - 1, C)."""
+        starts, ends = cu_seqlens[:-1], cu_seqlens[1:]
+        index = ends[:, None] - (self.width - 1) + torch.arange(self.width - 1, device=x.device)
+        valid = (index >= starts[:, None])[..., None].to(x.dtype)
+        return x[index.clamp(min=0)] * valid if len(x) else x.new_zeros(len(starts), self.width - 1, x.shape[1])
+
     def init_state(self, batch: int, device, dtype) -> Tensor:
         return torch.zeros(batch, self.width - 1, self.weight.shape[0], device=device, dtype=dtype)
 

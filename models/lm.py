@@ -2,7 +2,8 @@
 
 `pattern` lists one mixer name per layer, so hybrids (three MoM layers to one attention layer, say) are
 configs, not code. `forward` is the parallel form for training; `step` decodes one token with explicit
-per-layer state and computes the same function.
+per-layer state and computes the same function; `prefill` runs the parallel form over a prompt and
+returns the state `step` continues from (every mixer has `prefill(x) -> (y, state)`).
 """
 from __future__ import annotations
 
@@ -30,7 +31,12 @@ class Block(nn.Module):
         return x, aux
 
     def step(self, x: Tensor, state) -> Tuple[Tensor, object]:
-        y, state = self.mixer.step(self.norm1(x), state)
+        return self._residual(x, *self.mixer.step(self.norm1(x), state))
+
+    def prefill(self, x: Tensor) -> Tuple[Tensor, object]:
+        return self._residual(x, *self.mixer.prefill(self.norm1(x)))
+
+    def _residual(self, x: Tensor, y: Tensor, state) -> Tuple[Tensor, object]:
         x = x + y
         if self.mlp is not None:
             x = x + self.mlp(self.norm2(x))
@@ -70,6 +76,17 @@ class LanguageModel(nn.Module):
             x, s = block.step(x, s)
             new_state.append(s)
         return self.norm(x) @ self.embed.weight.T, new_state
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor) -> Tuple[Tensor, List[object]]:
+        """A prompt (B, T) -> logits (B, T, V) of the parallel form and the per-layer state after its last
+        token, from which `step` continues exactly as if it had stepped through the prompt."""
+        x = self.drop(self.embed(input_ids))
+        state = []
+        for block in self.blocks:
+            x, s = block.prefill(x)
+            state.append(s)
+        return self.norm(x) @ self.embed.weight.T, state
 
     def state_size(self, seq_len: int) -> Dict[str, int]:
         sizes = [b.mixer.state_size(seq_len) for b in self.blocks]

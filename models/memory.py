@@ -14,7 +14,9 @@ Training packs the (token, memory) pairs into contiguous segments, one per (memo
 by memory, then sequence, then time (the sort key is unique, so time order is guaranteed, not hoped
 for); the short convolutions run inside each segment; one varlen core call covers every memory; the
 outputs are scattered back to their tokens. `step` does the same for one token with explicit state,
-and computes the same function (tested).
+and computes the same function (tested). `prefill` is the parallel form that also returns that state
+(each segment's final memory state and its convolution tails), so decoding a prompt costs one parallel
+pass, not one step per token.
 """
 from __future__ import annotations
 
@@ -152,28 +154,48 @@ class MemoryMixer(nn.Module):
         return torch.cat(tok_parts), torch.cat(w_parts), cu, per_memory, aux
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        y, aux, _ = self._parallel(x, want_state=False)
+        return y, aux
+
+    def prefill(self, x: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """The parallel form over a prompt, plus the state `step` continues from: each memory's final
+        recurrent state per sequence and the last (conv_size - 1) inputs of each of its convolutions."""
+        y, _, state = self._parallel(x, want_state=True)
+        return y, state
+
+    def _parallel(self, x: Tensor, want_state: bool) -> Tuple[Tensor, Tensor, Optional[Dict[str, Tensor]]]:
         B, T, D = x.shape
         H, K, V = self.H, self.K, self.V
         tok, weight, cu, per_memory, aux = self._layout(x)
         _, pos = segment_positions(cu)
         xf = x.reshape(B * T, D)
         xp = xf[tok]
-        q = self._conv(0, self.q_proj(xf)[tok], pos)  # project once per token, convolve per segment
+        q_in = self.q_proj(xf)[tok]  # project once per token, convolve per segment
         edges = F.pad(per_memory.cumsum(0), (1, 0)).tolist()  # each memory's tokens are contiguous
         parts = [self._project(xp[edges[m]:edges[m + 1]], m) for m in range(self.M)]
-        k, v, a, b = (torch.cat(p) if p[0] is not None else None for p in zip(*parts))
-        k, v = self._conv(1, k, pos), self._conv(2, v, pos)
+        k_in, v_in, a, b = (torch.cat(p) if p[0] is not None else None for p in zip(*parts))
+        q, k, v = self._conv(0, q_in, pos), self._conv(1, k_in, pos), self._conv(2, v_in, pos)
         g, beta = self._gates(a, b)
         heads = lambda t, d: t.unflatten(-1, (H, d))[None]
-        o, _ = memory_op(heads(q, K), heads(k, K), heads(v, V), g=None if g is None else g[None],
-                         beta=None if beta is None else beta[None], delta=self.kind.delta, cu_seqlens=cu,
-                         normalize_qk=self.kind.normalize_qk, chunk_size=self.chunk_size)
+        o, final = memory_op(heads(q, K), heads(k, K), heads(v, V), g=None if g is None else g[None],
+                             beta=None if beta is None else beta[None], delta=self.kind.delta, cu_seqlens=cu,
+                             normalize_qk=self.kind.normalize_qk, chunk_size=self.chunk_size)
         o = upcast(o[0])
         if self.kind.skip:
             o = o + self.D_skip[:, None] * upcast(v).unflatten(-1, (H, V))
         out = torch.zeros(B * T, H, V, device=x.device, dtype=o.dtype)
         out.index_add_(0, tok, o * weight[:, None, None])
-        return self._finish(out.view(B, T, H, V), x), aux
+        y = self._finish(out.view(B, T, H, V), x)
+        if not want_state:
+            return y, aux, None
+        # Segments are ordered memory-major (memory, sequence): M * B of them, some possibly empty, whose
+        # final state is then the zero initial state, as for a memory that was never routed to.
+        state = {"S": final.view(self.M, B, H, K, V).transpose(0, 1).contiguous()}
+        if self.convs is not None:
+            for i, (conv, inp) in enumerate(zip(self.convs, (q_in, k_in, v_in))):
+                tail = conv.tail(inp, cu)  # (M * B, width - 1, C)
+                state[f"conv{i}"] = tail.view(self.M, B, *tail.shape[1:]).transpose(0, 1).contiguous()
+        return y, aux, state
 
     # --- decoding: one token, explicit state -----------------------------------------------------
     def init_state(self, batch: int, device, dtype=torch.float32) -> Dict[str, Tensor]:
