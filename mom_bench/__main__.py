@@ -1,4 +1,4 @@
-"""Command line: `python -m mom_bench {train,sweep,table,report} ...`.
+"""Command line: `python -m mom_bench {train,sweep,table,report,bench,pretrain,eval} ...`.
 
 `train` and `sweep` hand their arguments to one Hydra app; scaling out is Hydra's job (multirun with a
 launcher plugin: conf/launcher/), so there is no scheduler here. `sweep` only adds `sweep=default` when
@@ -22,6 +22,10 @@ commands:
   bench [--suite kernel,layer,decode,generate] [--quick] [--out DIR]
                         time our Triton core and layers against flash-linear-attention and SDPA
                         side by side on one GPU; prints a table of times and ratios
+  pretrain [overrides]  language-model pretraining on a hub dataset or local text, resumable, also under
+                        torchrun, e.g. pretrain model=mom data.files='corpus/*.txt' optim.max_steps=2000
+  eval [overrides]      lm-eval tasks (default: the jrt_recall group) on a checkpoint, into an eval record,
+                        e.g. eval checkpoint=outputs/pretrain +metadata.recall_data=/data/recall limit=100
 
 `python -m mom_bench train --help` lists the config groups and their options (Hydra's help).
 Runs write <results_dir>/runs/<run_id>.json; a run with a complete record is skipped.
@@ -57,6 +61,40 @@ def _hydra_app(prog: str, argv: List[str]) -> None:
     app()
 
 
+def _hydra_command(prog: str, argv: List[str], config_name: str, target: str) -> None:
+    """A Hydra app over conf/<config_name>.yaml calling `module:function`(cfg) (pretrain and eval)."""
+    import importlib
+
+    import hydra
+    from hydra.errors import CompactHydraException
+    from omegaconf import DictConfig
+
+    from mom_bench.checkpoint import CheckpointError
+    from mom_bench.config import ConfigError, register_configs
+
+    class InvalidConfig(CompactHydraException):
+        """Printed as its message alone, without a traceback."""
+
+    register_configs()
+
+    @hydra.main(version_base="1.3", config_path="pkg://mom_bench.conf", config_name=config_name)
+    def app(cfg: DictConfig) -> None:
+        module, function = target.split(":")
+        try:
+            getattr(importlib.import_module(module), function)(cfg)
+        except ConfigError as exc:
+            raise InvalidConfig(f"invalid config: {exc}") from None
+        except CheckpointError as exc:
+            raise InvalidConfig(f"checkpoint: {exc}") from None
+
+    sys.argv = [prog] + argv
+    app()
+
+
+HYDRA_COMMANDS = {"pretrain": ("pretrain", "mom_bench.pretrain:pretrain"),
+                  "eval": ("eval", "mom_bench.evaluate:evaluate")}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -75,6 +113,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         from mom_bench.bench import main as bench
 
         return bench(rest)
+    if command in HYDRA_COMMANDS:
+        _hydra_command(f"mom_bench {command}", rest, *HYDRA_COMMANDS[command])
+        return 0
     if command not in ("train", "sweep"):
         print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

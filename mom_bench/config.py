@@ -7,7 +7,7 @@ express (known mixer names, ranges, the MQAR constraints) are checked by ``valid
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 
 class ConfigError(ValueError):
@@ -144,3 +144,103 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)  # conf/pretrain.yaml
+    ConfigStore.instance().store(name="eval_schema", node=EvalConfig)  # conf/eval.yaml
+
+
+# --- pretraining on text and evaluation on real tasks (python -m mom_bench pretrain / eval) -------------
+@dataclass
+class PretrainDataConfig:
+    dataset: Optional[str] = None  # a hub dataset id, streamed (e.g. HuggingFaceFW/fineweb-edu) ...
+    dataset_config: Optional[str] = None  # ... its config name (e.g. sample-10BT)
+    split: str = "train"
+    files: Optional[str] = None  # ... or a glob of local .txt (one document per file) / .jsonl files
+    text_field: str = "text"  # the text column of the dataset / the key in each .jsonl line
+    tokenizer: Optional[str] = None  # None or "bytes": the offline byte tokenizer; else a hub tokenizer
+    seq_len: int = 512  # documents joined with EOS and cut into sequences of this many tokens
+    batch_size: int = 16  # sequences per optimizer step and process (times optim.grad_accum)
+
+
+@dataclass
+class PretrainOptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay from lr to lr * min_lr_ratio at max_steps
+    warmup_steps: int = 200
+    max_steps: int = 10_000
+    weight_decay: float = 0.1  # on matrices only; norms, biases and decay parameters are not decayed
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # 0 disables it
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    optim: PretrainOptimConfig = field(default_factory=PretrainOptimConfig)
+    out_dir: str = "outputs/pretrain"  # checkpoints/step_*/ and pretrain.json land here
+    save_every: int = 1000  # steps between checkpoints; one is always written at the end
+    keep_last: int = 3  # checkpoints kept (0 keeps all)
+    log_every: int = 10
+    resume: bool = True  # continue from the latest checkpoint in out_dir when there is one
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda (under torchrun: the local rank's GPU)
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: Optional[str] = None  # a checkpoint folder, or a pretraining out_dir (its latest)
+    tasks: List[str] = field(default_factory=lambda: ["jrt_recall"])
+    include_path: Optional[str] = None  # None: the installed mom_bench/tasks/recall folder
+    include_defaults: bool = True  # also index lm-eval's own tasks (slower start)
+    metadata: Dict[str, Any] = field(default_factory=dict)  # task metadata, e.g. recall_data: /data/recall
+    limit: Optional[float] = None  # documents per task (a fraction when < 1), for quick runs
+    num_fewshot: Optional[int] = None
+    batch_size: int = 16
+    max_length: int = 2048  # longer prompts are left-truncated to their last max_length tokens
+    max_gen_toks: int = 256  # default for tasks that do not set their own
+    device: str = "auto"
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16 | float16 | float64
+    seed: int = 0
+    results_dir: str = "outputs/eval"  # the record lands in <results_dir>/runs/
+    sweep_name: str = "eval"
+    log_samples: bool = False  # keep every generation in <results_dir>/samples/<run_id>.json
+    progress: bool = True
+
+
+def validate_pretrain(cfg) -> None:
+    """Raise ConfigError naming the first invalid key of a PretrainConfig."""
+    # The model checks are validate()'s: run it on a RunConfig whose other parts are valid defaults.
+    validate(RunConfig(model=cfg.model))
+    d, o = cfg.data, cfg.optim
+    _require(bool(d.dataset) != bool(d.files), "data",
+             "set exactly one of data.dataset=<hub id> (e.g. HuggingFaceFW/fineweb-edu) or "
+             f"data.files=<glob of .txt/.jsonl> (got dataset={d.dataset!r}, files={d.files!r})")
+    for key in ("seq_len", "batch_size"):
+        _require(getattr(d, key) > 0, f"data.{key}", f"must be positive, got {getattr(d, key)}")
+    _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    _require(o.max_steps >= 1, "optim.max_steps", f"must be at least 1, got {o.max_steps}")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+             f"must be two values in [0, 1), got {list(o.betas)}")
+    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables it), got {o.grad_clip}")
+    _require(o.grad_accum >= 1, "optim.grad_accum", f"must be at least 1, got {o.grad_accum}")
+    _require(cfg.save_every >= 1, "save_every", f"must be at least 1, got {cfg.save_every}")
+    _require(cfg.log_every >= 1, "log_every", f"must be at least 1, got {cfg.log_every}")
+    _require(cfg.device in DEVICES, "device", f"{cfg.device!r} is not one of {', '.join(DEVICES)}")
+
+
+EVAL_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+
+
+def validate_eval(cfg) -> None:
+    """Raise ConfigError naming the first invalid key of an EvalConfig."""
+    _require(bool(cfg.checkpoint), "checkpoint", "is required: checkpoint=<checkpoint folder or pretrain out_dir>")
+    _require(len(cfg.tasks) > 0, "tasks", "needs at least one task or group")
+    _require(cfg.limit is None or cfg.limit > 0, "limit", f"must be positive, got {cfg.limit}")
+    for key in ("batch_size", "max_length", "max_gen_toks"):
+        _require(getattr(cfg, key) > 0, key, f"must be positive, got {getattr(cfg, key)}")
+    _require(cfg.dtype in EVAL_DTYPES, "dtype", f"{cfg.dtype!r} is not one of {', '.join(EVAL_DTYPES)}")

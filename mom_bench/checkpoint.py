@@ -1,0 +1,294 @@
+"""Checkpoints: a folder of safetensors and JSON that never holds pickled code.
+
+    <dir>/config.json            format, the ModelConfig, vocabulary size, tokenizer name, free metadata
+    <dir>/model.safetensors      the model's weights (fp32, as trained)
+    <dir>/optimizer.safetensors  optional: the optimizer's tensors (AdamW moments and step counts)
+    <dir>/train_state.json       optional: everything else needed to resume training: the optimizer's
+                                 scalars and structure, the step, the data position, ...
+
+Loading builds the model from config.json with `mom_bench.models.build_model` and reads tensors with
+safetensors: nothing is unpickled and no code is imported from the checkpoint, so a checkpoint from an
+untrusted source can at worst hold wrong numbers.
+
+A checkpoint is written into a hidden temporary folder beside its destination and renamed into place,
+so a run killed mid-save leaves the previous checkpoint or none, never half of one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from mom_bench.config import ModelConfig
+
+FORMAT = "mom_bench-checkpoint"
+VERSION = 1
+CONFIG, WEIGHTS, OPTIMIZER, TRAIN_STATE = "config.json", "model.safetensors", "optimizer.safetensors", \
+    "train_state.json"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is missing, incomplete or unreadable; the message names the file and the cause."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model in eval mode and what config.json says about it."""
+
+    model: torch.nn.Module
+    config: ModelConfig
+    vocab_size: int
+    tokenizer: Optional[str]
+    metadata: Dict[str, Any]
+    path: Path
+
+
+# ------------------------------------------------------------------------------------------------ saving
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: ModelConfig | Dict[str, Any], *,
+                    vocab_size: int, tokenizer: Optional[str] = None, metadata: Optional[Dict[str, Any]] = None,
+                    optimizer: Optional[torch.optim.Optimizer] = None,
+                    train_state: Optional[Dict[str, Any]] = None) -> Path:
+    """Write a checkpoint folder atomically (replacing one that exists) and return its path.
+
+    `optimizer` and `train_state` (JSON-serialisable: step, data position, ...) make it resumable."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model_cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    meta = {"format": FORMAT, "version": VERSION, "model": model_cfg, "vocab_size": int(vocab_size),
+            "tokenizer": tokenizer, "metadata": metadata or {}}
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        # contiguous clones: safetensors refuses views and tensors that share memory
+        weights = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        if optimizer is not None or train_state is not None:
+            tensors: Dict[str, torch.Tensor] = {}
+            structure = _encode(optimizer.state_dict(), tensors, "optimizer") if optimizer is not None else None
+            save_file(tensors, str(tmp / OPTIMIZER), metadata={"format": FORMAT})
+            _write_json(tmp / TRAIN_STATE, {"optimizer": structure, "train_state": train_state or {}})
+        _write_json(tmp / CONFIG, meta)  # last: a folder with config.json was written completely
+        _fsync_dir(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some file systems cannot open folders; the rename still orders the writes
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Rename tmp to path. A folder cannot be atomically renamed over another one, so an existing
+    checkpoint is first moved aside; a kill between the two renames leaves the old one there, hidden."""
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _encode(obj: Any, tensors: Dict[str, torch.Tensor], key: str) -> Any:
+    """A nested state dict as JSON, its tensors moved to `tensors` under their path. Tuples and dicts
+    with non-string keys (the optimizer's parameter indices) are tagged so that `_decode` restores them."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, _encode(v, tensors, f"{key}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {key} in a checkpoint (tensors and JSON values only)")
+
+
+def _decode(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__dict__" in obj:
+            return {k: _decode(v, tensors) for k, v in obj["__dict__"]}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, or the latest checkpoint of a pretraining output folder (its checkpoints/)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a folder (expected one holding {CONFIG} and {WEIGHTS})")
+    if (path / CONFIG).exists() or (path / WEIGHTS).exists():
+        return path
+    for root in (path / "checkpoints", path):
+        latest = latest_checkpoint(root)
+        if latest is not None:
+            return latest
+    raise CheckpointError(f"{path} holds no checkpoint: expected {CONFIG} and {WEIGHTS} in it, or step_* "
+                          f"checkpoint folders in it or in its checkpoints/ folder")
+
+
+def read_config(path: str | os.PathLike) -> Dict[str, Any]:
+    """config.json of a checkpoint folder, checked for its format."""
+    path = Path(path)
+    file = path / CONFIG
+    if not file.exists():
+        raise CheckpointError(f"{file} is missing: {path} is not a complete mom_bench checkpoint")
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{file} is not a mom_bench checkpoint config (no \"format\": \"{FORMAT}\")")
+    if meta.get("version", 0) > VERSION:
+        raise CheckpointError(f"{file} has format version {meta['version']}; this mom_bench reads up to "
+                              f"{VERSION}: update mom_bench")
+    for key in ("model", "vocab_size"):
+        if key not in meta:
+            raise CheckpointError(f"{file} lacks {key!r}; the checkpoint is corrupt")
+    return meta
+
+
+def model_config(meta: Dict[str, Any]) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(meta["model"]) - known)
+    if unknown:
+        raise CheckpointError(f"config.json has model settings this mom_bench does not know: {unknown}")
+    return ModelConfig(**meta["model"])
+
+
+def _read_tensors(file: Path) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.exists():
+        raise CheckpointError(f"{file} is missing: the checkpoint is incomplete")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} cannot be read ({exc}); the checkpoint is corrupt") from None
+
+
+def load_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
+    file = Path(path) / WEIGHTS
+    weights = _read_tensors(file)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:  # missing / unexpected keys or wrong shapes
+        raise CheckpointError(f"{file} does not fit the model of its config.json: {exc}") from None
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """Build the model of a checkpoint folder (or of the latest checkpoint under a pretraining output
+    folder) from its config.json, load its weights, and return it in eval mode on `device`."""
+    from mom_bench.models import build_model
+
+    path = resolve(path)
+    meta = read_config(path)
+    cfg = model_config(meta)
+    try:
+        model = build_model(cfg, meta["vocab_size"])
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path / CONFIG} describes no model mom_bench can build: {exc}") from None
+    load_weights(path, model)
+    return Checkpoint(model=model.to(device).eval(), config=cfg, vocab_size=meta["vocab_size"],
+                      tokenizer=meta.get("tokenizer"), metadata=meta.get("metadata") or {}, path=path)
+
+
+def load_train_state(path: str | os.PathLike, model: torch.nn.Module,
+                     optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
+    """Restore weights and optimizer state into existing objects; return the saved train_state dict."""
+    path = Path(path)
+    read_config(path)
+    file = path / TRAIN_STATE
+    if not file.exists():
+        raise CheckpointError(f"{file} is missing: {path} holds weights only and cannot resume training")
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+    load_weights(path, model)
+    if optimizer is not None:
+        if saved.get("optimizer") is None:
+            raise CheckpointError(f"{path} was saved without optimizer state")
+        state = _decode(saved["optimizer"], _read_tensors(path / OPTIMIZER))
+        try:
+            optimizer.load_state_dict(state)
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"optimizer state in {path} does not fit this optimizer: {exc}") from None
+    return saved.get("train_state") or {}
+
+
+# ------------------------------------------------------------------------------- checkpoints of a run
+def step_dir(root: str | os.PathLike, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def list_checkpoints(root: str | os.PathLike) -> List[Tuple[int, Path]]:
+    """(step, folder) of every complete step_* checkpoint under root, oldest first. Hidden temporary
+    folders of an interrupted save are not checkpoints and are skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / CONFIG).exists():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints (keep_last <= 0 keeps all) and leftovers of
+    interrupted saves."""
+    root = Path(root)
+    if keep_last > 0:
+        for _, p in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".step_*"):
+        shutil.rmtree(p, ignore_errors=True)
