@@ -26,8 +26,10 @@ Output: the table on stdout, and `<out>/bench.md`, `<out>/bench.csv` and a run r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -247,27 +249,61 @@ def build_cases(suites, dtype, quick: bool) -> List[Case]:
 
 
 # --- running and reporting ---------------------------------------------------------------------------
-def run_case(case: Case, rep: int, log) -> None:
+class ContenderTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Give up on a contender after `seconds` (first-call autotuning of some kernels takes minutes)."""
+    if not seconds or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(*_):
+        raise ContenderTimeout(f"gave up after {seconds} s (compiling and autotuning included)")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def run_case(case: Case, rep: int, log, limit_s: int = 0) -> None:
     ms: Dict[tuple, float] = {}
     for c in case.contenders:
         try:
-            fns = c.build()
-            for p, fn in fns.items():
-                ms[c.name, p] = time_ms(fn, rep)
-                row = dict(suite=case.suite, case=case.name, name=c.name, batch_size=case.batch_size,
-                           seq_len=case.seq_len, **{"pass": p}, ms=ms[c.name, p])
-                if case.memory and p == "fwd+bwd":
-                    row["peak_mb"] = peak_mb(fn)
-                case.rows.append(row)
-            del fns
+            with time_limit(limit_s):
+                _run_contender(case, c, rep, ms)
         except Exception as exc:  # noqa: BLE001 - one failing contender must not end the benchmark
             msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            case.rows = [r for r in case.rows if r["name"] != c.name]  # no half-measured contender
+            for key in [key for key in ms if key[0] == c.name]:
+                del ms[key]
             case.rows.append(dict(suite=case.suite, case=case.name, name=c.name, batch_size=case.batch_size,
                                   seq_len=case.seq_len, **{"pass": "-"}, ms=None, error=msg))
         finally:
             torch.cuda.empty_cache()
         log(f"  {c.name}: " + ", ".join(f"{r['pass']} {r['ms']:.3f} ms" if r["ms"] is not None else r["error"]
                                          for r in case.rows if r["name"] == c.name))
+    _ratios(case, ms)
+
+
+def _run_contender(case: Case, c: Contender, rep: int, ms: Dict[tuple, float]) -> None:
+    fns = c.build()
+    for p, fn in fns.items():
+        ms[c.name, p] = time_ms(fn, rep)
+        row = dict(suite=case.suite, case=case.name, name=c.name, batch_size=case.batch_size,
+                   seq_len=case.seq_len, **{"pass": p}, ms=ms[c.name, p])
+        if case.memory and p == "fwd+bwd":
+            row["peak_mb"] = peak_mb(fn)
+        case.rows.append(row)
+
+
+def _ratios(case: Case, ms: Dict[tuple, float]) -> None:
     ref_mem = {r["pass"]: r.get("peak_mb") for r in case.rows if r["name"] == case.reference}
     for r in case.rows:
         ref = ms.get((case.reference, r["pass"]))
@@ -319,6 +355,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--rep", type=int, default=100, help="milliseconds of repetitions per timing (do_bench)")
     ap.add_argument("--quick", action="store_true", help="skip the longest shapes (B1 x T16384, 32K context)")
     ap.add_argument("--out", default="outputs/bench", help="folder for bench.md, bench.csv and the run record")
+    ap.add_argument("--limit", type=int, default=300,
+                    help="seconds after which one contender is given up (0: no limit)")
     args = ap.parse_args(argv)
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
     unknown = sorted(set(suites) - set(SUITES))
@@ -335,24 +373,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = "python -m mom_bench bench " + " ".join(argv if argv is not None else sys.argv[1:])
     hw = hardware()
     cases = build_cases(suites, dtype, args.quick)
-    start = time.time()
+    start, out = time.time(), Path(args.out)
     for i, case in enumerate(cases, 1):
         print(f"[{i}/{len(cases)}] {case.suite}: {case.name}, B{case.batch_size} x T{case.seq_len}", flush=True)
-        run_case(case, args.rep, lambda s: print(s, flush=True))
-    out = Path(args.out)
+        run_case(case, args.rep, lambda s: print(s, flush=True), args.limit)
+        text = write(out, cases[:i], hw, command, time.time() - start, complete=i == len(cases))
+    print(text)
+    return 0
+
+
+def write(out: Path, cases: List[Case], hw: dict, command: str, seconds: float, complete: bool) -> str:
+    """Write what has been measured so far: a run that dies keeps its finished cases."""
+    import pandas as pd
+
     (out / "runs").mkdir(parents=True, exist_ok=True)
     text = markdown(cases, hw, command)
     (out / "bench.md").write_text(text + "\n")
     rows = [r for c in cases for r in c.rows]
-    import pandas as pd
-
     pd.DataFrame(rows).to_csv(out / "bench.csv", index=False)
     run_id = "bench-" + hw["device_name"].replace(" ", "_")
-    record = dict(kind="bench", run_id=run_id, status="complete", reason=None, hardware=hw, command=command,
-                  seconds=time.time() - start, timings=[r for r in rows if r["ms"] is not None])
-    (out / "runs" / f"{run_id}.json").write_text(json.dumps(record, indent=1))
-    print(text)
-    return 0
+    record = dict(kind="bench", run_id=run_id, status="complete" if complete else "running", reason=None,
+                  hardware=hw, command=command, seconds=seconds, timings=[r for r in rows if r["ms"] is not None])
+    tmp = out / "runs" / f"{run_id}.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(out / "runs" / f"{run_id}.json")
+    return text
 
 
 if __name__ == "__main__":

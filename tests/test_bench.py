@@ -60,3 +60,19 @@ def test_command_line_errors(capsys):
     if not bench.torch.cuda.is_available():
         assert main(["bench", "--suite", "kernel"]) == 1
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_contender_over_its_time_limit_is_given_up(monkeypatch):
+    import time
+
+    monkeypatch.setattr(bench, "time_ms", lambda fn, rep: fn())
+    monkeypatch.setattr(bench.torch.cuda, "empty_cache", lambda: None)
+    slow = bench.Contender("slow", lambda: {"fwd": lambda: 1.0, "fwd+bwd": lambda: time.sleep(5) or 2.0})
+    fast = bench.Contender("fast", lambda: {"fwd": lambda: 2.0, "fwd+bwd": lambda: 4.0})
+    case = bench.Case("kernel", "toy", 1, 4, [slow, fast], reference="slow")
+    started = time.time()
+    bench.run_case(case, rep=1, log=lambda s: None, limit_s=1)
+    assert time.time() - started < 4
+    assert [(r["name"], r["pass"]) for r in case.rows] == [("slow", "-"), ("fast", "fwd"), ("fast", "fwd+bwd")]
+    assert case.rows[0]["error"].startswith("ContenderTimeout: gave up after 1 s")
+    assert all("ratio" not in r for r in case.rows)  # the reference has no complete timing to divide by
