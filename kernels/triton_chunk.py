@@ -9,30 +9,34 @@ One kernel family covers every algorithm of the reference table through compile-
     NORM      L2-normalise q and k inside the kernels (and differentiate through it)
 
 Everything runs as packed variable-length segments: (B, T, ...) without cu_seqlens is viewed as B
-segments of length T of one (1, B*T, ...) batch. A chunk is BT consecutive tokens of one segment; the
-last chunk of a segment is partial (masked rows; a padded row has q = k = v = 0, beta = 0, g = 0). Per
-chunk, with G the cumulative log decay inside the chunk (G_last at its last token) and h the state at
-the chunk start:
+segments of length T of one (1, B*T, ...) batch. A chunk is BT = 64 consecutive tokens of one segment
+(for every head dim); the last chunk of a segment is partial (masked rows; a padded row has q = k = v = 0,
+beta = 0, g = 0). Per chunk, with G the cumulative log decay inside the chunk (G_last at its last token)
+and h the state at the chunk start:
 
-  forward   prep  G = cumsum(g); for the delta rule the WY representation:
-                  L = strict_lower(beta_t k_t.k_s e^{G_t - G_s}), A = (I + L)^-1,
-                  W = A (beta k e^G), U = A (beta v)
-            h     sequential over chunks, one program per (segment, head, V block): store h,
-                  v_new = U - W h (delta) or beta v, then h <- e^{G_last} h + (k e^{G_last - G})^T v_new
-            o     o = (q e^G) h + M v_new,  M = lower(q_t.k_s e^{G_t - G_s})  (diagonal included)
+  forward   prep  row norms, G = cumsum(g), M = lower(q_t.k_s e^{G_t - G_s}) (diagonal included) and for
+                  the delta rule the WY representation: L = strict_lower(beta_t k_t.k_s e^{G_t - G_s}),
+                  A = (I + L)^-1, W = A (beta k e^G), U = A (beta v); the BT x BT products summed over
+                  blocks of BK keys
+            h     sequential over chunks, one program per (segment, head, V block) holding all key rows
+                  of its state block: store h, v_new = U - W h (delta) or beta v,
+                  h <- e^{G_last} h + (k e^{G_last - G})^T v_new
+            o     o = (q e^G) h + M v_new, the first product summed over K blocks
   backward  dh    reverse over chunks: dv_new = M^T do + (k e^{G_last - G}) dh_next,
                   dh <- e^{G_last} dh_next + (q e^G)^T do - W^T dv_new         (dh_next stored per chunk)
-            grad  per chunk: dq, dk, dv, dbeta and dG, whose reverse cumsum inside the chunk is dg
+            dv    per chunk, sums over V only: dv, dbeta through U, dM = do v_new^T and
+                  dL = -(A^T dv_new) v_new^T (the W and U terms of dL collapse since W h = U - v_new)
+            dqk   per chunk, one K block at a time: dq, dk, the rest of dbeta, and dg (the reverse cumsum
+                  inside the chunk of q dq - k dk over every e^{+-G} factor)
 
 The backward recomputes prep and h from the inputs: only the inputs are saved for it.
-All accumulation is fp32; intermediates (G, A, W, U, states, v_new) are stored in fp32; outputs take the
-dtype of v (o), of the inputs (gradients) and fp32 (states). Dots take fp32 operands (three-pass tf32
-for fp32 inputs, tf32 otherwise), so no dot accumulator is ever cast to 16 bits and transposed into
-another dot (the Hopper miscompile of ../shared/reference/gpu.md).
+All accumulation is fp32; intermediates (G, norms, M, A, W, U, states, v_new, gradients wrt M and L) are
+stored in fp32; outputs take the dtype of v (o), of the inputs (gradients) and fp32 (states). Dots take
+fp32 operands (three-pass tf32 for fp32 inputs, tf32 otherwise), so no dot accumulator is ever cast to
+16 bits and transposed into another dot (the Hopper miscompile of ../shared/reference/gpu.md).
 
 The per-channel pairwise terms sum_k a_tk b_sk e^{G_tk - G_sk} do not factor into one matrix product
-without risking overflow, so they are formed one key column at a time (exact, O(BT^2 K) elementwise):
-correct everywhere, to be replaced by sub-chunked products when tuning on the GPU.
+without risking overflow, so they are formed one key column at a time (exact, O(BT^2 K) elementwise).
 """
 from __future__ import annotations
 
@@ -105,19 +109,38 @@ def _store_tile(ptr, x, offs, valid, col0, stride, D: tl.constexpr, BD: tl.const
 
 
 @triton.jit
-def _load_qk(ptr, offs, valid, stride, scale, K: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr):
-    x = _load_tile(ptr, offs, valid, 0, stride, K, BK)
-    if NORM:
-        x = x * tl.rsqrt(tl.sum(x * x, 1) + EPS)[:, None]
-    return x * scale
+def _load_state(ptr, base, row0, col0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Rows row0 + [0, BK) and columns col0 + [0, BV) of the (K, V) fp32 state at `ptr + base`."""
+    rk = row0 + tl.arange(0, BK)
+    rv = col0 + tl.arange(0, BV)
+    mask = (rk[:, None] < K) & (rv[None, :] < V)
+    return tl.load(ptr + base + rk[:, None] * V + rv[None, :], mask=mask, other=0.)
 
 
 @triton.jit
-def _l2norm_bwd(x, dy):
-    """Gradient wrt x of y = x / sqrt(|x|^2 + eps), rows of a tile."""
-    r = tl.rsqrt(tl.sum(x * x, 1) + EPS)[:, None]
-    y = x * r
-    return r * (dy - y * tl.sum(y * dy, 1)[:, None])
+def _store_state(ptr, x, base, row0, col0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr):
+    rk = row0 + tl.arange(0, BK)
+    rv = col0 + tl.arange(0, BV)
+    mask = (rk[:, None] < K) & (rv[None, :] < V)
+    tl.store(ptr + base + rk[:, None] * V + rv[None, :], x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_factor(rn, offs, valid, i_h, H: tl.constexpr, WHICH: tl.constexpr, NORM: tl.constexpr):
+    """What a raw q (WHICH 0) or k (WHICH 1) row is multiplied by: 1/|x| under NORM (stored by the prep
+    kernel), else 1; 0 on padded rows."""
+    if NORM:
+        f = tl.load(rn + (offs * H + i_h) * 2 + WHICH, mask=valid, other=0.)
+    else:
+        f = valid.to(tl.float32)
+    return f
+
+
+@triton.jit
+def _l2norm_bwd(xn, r, dxn):
+    """Gradient wrt x of xn = x r, r = 1/sqrt(|x|^2 + eps), from dxn, the gradient wrt xn (whole rows)."""
+    return r[:, None] * (dxn - xn * tl.sum(xn * dxn, 1)[:, None])
 
 
 @triton.jit
@@ -130,123 +153,59 @@ def _load_beta(beta, offs, valid, H: tl.constexpr, i_h, HAS_BETA: tl.constexpr):
 
 
 @triton.jit
-def _load_decay(gc, offs, valid, t_last, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                DECAY: tl.constexpr):
-    """The chunk's cumulative log decay: (BT,) for a scalar decay, (BT, BK) per channel; padded rows get
-    G_last, as a zero g there would give. Also G_last: a scalar, or (BK,)."""
-    if DECAY == 1:
-        G_last = tl.load(gc + t_last * H + i_h)
-        G = tl.load(gc + offs * H + i_h, mask=valid, other=0.)
-        G = tl.where(valid, G, G_last)
-    else:
-        cols = tl.arange(0, BK)
-        G_last = tl.load(gc + t_last * (H * K) + i_h * K + cols, mask=cols < K, other=0.)
-        G = _load_tile(gc + i_h * K, offs, valid, 0, H * K, K, BK)
-        G = tl.where(valid[:, None], G, G_last[None, :])
-    return G, G_last
+def _decay_rows(gc, offs, valid, t_last, i_h, H: tl.constexpr):
+    """Scalar decay: the chunk's cumulative log decay G (BT,), padded rows at G_last (as a zero g there
+    would give), and G_last."""
+    G_last = tl.load(gc + t_last * H + i_h)
+    G = tl.load(gc + offs * H + i_h, mask=valid, other=0.)
+    return tl.where(valid, G, G_last), G_last
 
 
 @triton.jit
-def _exp_rows(G, DECAY: tl.constexpr):
-    """e^G, broadcastable against a (BT, BK) tile."""
-    if DECAY == 1:
-        e = tl.exp(G)[:, None]
-    else:
-        e = tl.exp(G)
-    return e
+def _decay_cols(gc, offs, valid, t_last, i_h, col0, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """Per-channel decay, columns col0 + [0, BK): G (BT, BK) with padded rows at G_last, and G_last (BK,)."""
+    cols = col0 + tl.arange(0, BK)
+    G_last = tl.load(gc + t_last * (H * K) + i_h * K + cols, mask=cols < K, other=0.)
+    G = _load_tile(gc + i_h * K, offs, valid, col0, H * K, K, BK)
+    return tl.where(valid[:, None], G, G_last[None, :]), G_last
 
 
 @triton.jit
-def _exp_to_end(G, G_last, valid, DECAY: tl.constexpr):
-    """e^(G_last - G) on real rows, 0 on padded ones, broadcastable against (BT, BK)."""
-    if DECAY == 1:
-        e = tl.where(valid, tl.exp(G_last - G), 0.)[:, None]
-    else:
-        e = tl.where(valid[:, None], tl.exp(G_last[None, :] - G), 0.)
-    return e
-
-
-@triton.jit
-def _exp_last(G_last, DECAY: tl.constexpr):
-    """e^G_last, broadcastable against a (BK, BV) state."""
-    if DECAY == 1:
-        e = tl.exp(G_last)
-    else:
-        e = tl.exp(G_last)[:, None]
-    return e
-
-
-@triton.jit
-def _sum_k(x, DECAY: tl.constexpr):
-    """A (BT, BK) decay gradient in the shape of G."""
-    if DECAY == 1:
-        y = tl.sum(x, 1)
-    else:
-        y = x
-    return y
-
-
-@triton.jit
-def _pair(a, b, G, BT: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr):
-    """P[t, s] = sum_k a_tk b_sk e^{G_t - G_s} for s < t (STRICT) or s <= t, else 0."""
+def _pair_channel(a, b, G, BT: tl.constexpr, STRICT: tl.constexpr):
+    """P[t, s] = sum_k a_tk b_sk e^{G_tk - G_sk} for s < t (STRICT) or s <= t, else 0: one key column s
+    at a time, exact (the exponent is masked to s <= t before exp, so it never overflows)."""
     rows = tl.arange(0, BT)
+    P = tl.zeros([BT, BT], dtype=tl.float32)
+    for j in range(BT):
+        sel = rows == j
+        b_j = tl.sum(tl.where(sel[:, None], b, 0.), 0)
+        G_j = tl.sum(tl.where(sel[:, None], G, 0.), 0)
+        E = tl.exp(tl.where(rows[:, None] >= j, G - G_j[None, :], 0.))
+        col = tl.sum(a * b_j[None, :] * E, 1)
+        P = tl.where(rows[None, :] == j, col[:, None], P)
     if STRICT:
         mask = rows[:, None] > rows[None, :]
     else:
         mask = rows[:, None] >= rows[None, :]
-    if DECAY == 2:
-        P = tl.zeros([BT, BT], dtype=tl.float32)
-        for j in range(BT):
-            sel = rows == j
-            b_j = tl.sum(tl.where(sel[:, None], b, 0.), 0)
-            G_j = tl.sum(tl.where(sel[:, None], G, 0.), 0)
-            E = tl.exp(tl.where(rows[:, None] >= j, G - G_j[None, :], 0.))
-            col = tl.sum(a * b_j[None, :] * E, 1)
-            P = tl.where(rows[None, :] == j, col[:, None], P)
-    else:
-        P = tl.dot(a, tl.trans(b), input_precision=PREC)
-        if DECAY == 1:
-            P = P * tl.exp(tl.where(mask, G[:, None] - G[None, :], 0.))
     return tl.where(mask, P, 0.)
 
 
 @triton.jit
-def _pair_bwd(dP, a, b, G, BT: tl.constexpr, BK: tl.constexpr, DECAY: tl.constexpr, STRICT: tl.constexpr,
-              PREC: tl.constexpr):
-    """Gradients of sum(dP * _pair(a, b, G)) wrt a, b and G (G's shape; zeros without decay)."""
+def _pair_channel_bwd(dP, a, b, G, BT: tl.constexpr, BK: tl.constexpr):
+    """Gradients wrt a and b of sum(dP * _pair_channel(a, b, G)), dP already masked. The gradient wrt G
+    is a da - b db (each G_tk multiplies a_tk and divides b_tk)."""
     rows = tl.arange(0, BT)
-    if STRICT:
-        mask = rows[:, None] > rows[None, :]
-    else:
-        mask = rows[:, None] >= rows[None, :]
-    dP = tl.where(mask, dP, 0.)
-    if DECAY == 2:
-        da = tl.zeros([BT, BK], dtype=tl.float32)
-        db = tl.zeros([BT, BK], dtype=tl.float32)
-        dG = tl.zeros([BT, BK], dtype=tl.float32)
-        for j in range(BT):
-            sel = rows == j
-            b_j = tl.sum(tl.where(sel[:, None], b, 0.), 0)
-            G_j = tl.sum(tl.where(sel[:, None], G, 0.), 0)
-            E = tl.exp(tl.where(rows[:, None] >= j, G - G_j[None, :], 0.))
-            X = tl.sum(tl.where(rows[None, :] == j, dP, 0.), 1)[:, None] * E  # dP[t, j] e^{G_t - G_j}
-            da += X * b_j[None, :]
-            Y = X * a
-            db += tl.where(sel[:, None], tl.sum(Y, 0)[None, :], 0.)
-            Z = Y * b_j[None, :]
-            dG += Z - tl.where(sel[:, None], tl.sum(Z, 0)[None, :], 0.)
-    else:
-        if DECAY == 1:
-            D = tl.where(mask, tl.exp(tl.where(mask, G[:, None] - G[None, :], 0.)), 0.)
-            dPD = dP * D
-            Z = dPD * tl.dot(a, tl.trans(b), input_precision=PREC)
-            dG = tl.sum(Z, 1) - tl.sum(Z, 0)
-        else:
-            dPD = dP
-            dG = tl.zeros([BT], dtype=tl.float32)
-        da = tl.dot(dPD, b, input_precision=PREC)
-        db = tl.dot(tl.trans(dPD), a, input_precision=PREC)
-    return da, db, dG
+    da = tl.zeros([BT, BK], dtype=tl.float32)
+    db = tl.zeros([BT, BK], dtype=tl.float32)
+    for j in range(BT):
+        sel = rows == j
+        b_j = tl.sum(tl.where(sel[:, None], b, 0.), 0)
+        G_j = tl.sum(tl.where(sel[:, None], G, 0.), 0)
+        E = tl.exp(tl.where(rows[:, None] >= j, G - G_j[None, :], 0.))
+        X = tl.sum(tl.where(rows[None, :] == j, dP, 0.), 1)[:, None] * E  # dP[t, j] e^{G_t - G_j}
+        da += X * b_j[None, :]
+        db += tl.where(sel[:, None], tl.sum(X * a, 0)[None, :], 0.)
+    return da, db
 
 
 @triton.jit
@@ -270,61 +229,104 @@ def _unit_lower_inverse(L, BT: tl.constexpr, PREC: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _prep_fwd_kernel(k, v, g, beta, gc, Ai, w, u, cu, cidx,
-                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, DECAY: tl.constexpr, HAS_BETA: tl.constexpr, DELTA: tl.constexpr,
-                     NORM: tl.constexpr, PREC: tl.constexpr):
+def _prep_kernel(q, k, v, g, beta, gc, rn, Mqk, Mkk, Ai, w, u, cu, cidx, scale,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, DECAY: tl.constexpr,
+                 HAS_BETA: tl.constexpr, DELTA: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk: row norms, G, M = pair(q, k) and for the delta rule pair_strict(k, k), A, W, U; the
+    products over K are summed over K blocks."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     offs, valid, t_last = _chunk_rows(cu, cidx, i_t, BT)
+    rows = tl.arange(0, BT)
+    if NORM:
+        sq = tl.zeros([BT], dtype=tl.float32)
+        sk = tl.zeros([BT], dtype=tl.float32)
+        for i_k in range(NK):
+            x = _load_tile(q + i_h * K, offs, valid, i_k * BK, H * K, K, BK)
+            sq += tl.sum(x * x, 1)
+            x = _load_tile(k + i_h * K, offs, valid, i_k * BK, H * K, K, BK)
+            sk += tl.sum(x * x, 1)
+        fq = tl.rsqrt(sq + EPS)
+        fk = tl.rsqrt(sk + EPS)
+        tl.store(rn + (offs * H + i_h) * 2, fq, mask=valid)
+        tl.store(rn + (offs * H + i_h) * 2 + 1, fk, mask=valid)
+    else:
+        fq = valid.to(tl.float32)
+        fk = valid.to(tl.float32)
+    fq = fq * scale
     G = tl.zeros([BT], dtype=tl.float32)
     if DECAY == 1:
         G = tl.cumsum(tl.load(g + offs * H + i_h, mask=valid, other=0.).to(tl.float32), 0)
         tl.store(gc + offs * H + i_h, G, mask=valid)
-    if DECAY == 2:
-        G = tl.cumsum(_load_tile(g + i_h * K, offs, valid, 0, H * K, K, BK), 0)
-        _store_tile(gc + i_h * K, G, offs, valid, 0, H * K, K, BK)
+    Mq = tl.zeros([BT, BT], dtype=tl.float32)
+    Mk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(NK):
+        qb = _load_tile(q + i_h * K, offs, valid, i_k * BK, H * K, K, BK)
+        kb = _load_tile(k + i_h * K, offs, valid, i_k * BK, H * K, K, BK)
+        if DECAY == 2:
+            Gb = tl.cumsum(_load_tile(g + i_h * K, offs, valid, i_k * BK, H * K, K, BK), 0)
+            _store_tile(gc + i_h * K, Gb, offs, valid, i_k * BK, H * K, K, BK)
+            qb = qb * fq[:, None]
+            kb = kb * fk[:, None]
+            Mq += _pair_channel(qb, kb, Gb, BT, False)
+            if DELTA:
+                Mk += _pair_channel(kb, kb, Gb, BT, True)
+        else:
+            Mq += tl.dot(qb, tl.trans(kb), input_precision=PREC)
+            if DELTA:
+                Mk += tl.dot(kb, tl.trans(kb), input_precision=PREC)
+    if DECAY != 2:
+        # The row factors (norms, scale) and the scalar decay e^{G_t - G_s} factor out of the K sum.
+        Mq = Mq * fq[:, None] * fk[None, :]
+        Mk = Mk * fk[:, None] * fk[None, :]
+        if DECAY == 1:
+            D = tl.exp(tl.where(rows[:, None] >= rows[None, :], G[:, None] - G[None, :], 0.))
+            Mq = Mq * D
+            Mk = Mk * D
+    Mq = tl.where(rows[:, None] >= rows[None, :], Mq, 0.)
+    _store_tile(Mqk + i_h * BT, Mq, offs, valid, 0, H * BT, BT, BT)
     if DELTA:
-        kk = _load_qk(k + i_h * K, offs, valid, H * K, 1.0, K, BK, NORM)
+        Mk = tl.where(rows[:, None] > rows[None, :], Mk, 0.)
+        _store_tile(Mkk + i_h * BT, Mk, offs, valid, 0, H * BT, BT, BT)
         b = _load_beta(beta, offs, valid, H, i_h, HAS_BETA)
-        L = _pair(kk, kk, G, BT, DECAY, True, PREC) * b[:, None]
-        A = _unit_lower_inverse(L, BT, PREC)
+        A = _unit_lower_inverse(Mk * b[:, None], BT, PREC)
         _store_tile(Ai + i_h * BT, A, offs, valid, 0, H * BT, BT, BT)
-        kb = kk * b[:, None]
-        if DECAY > 0:
-            kb = kb * _exp_rows(G, DECAY)
-        _store_tile(w + i_h * K, tl.dot(A, kb, input_precision=PREC), offs, valid, 0, H * K, K, BK)
-        for i_v in range(tl.cdiv(V, BV)):
+        for i_k in range(NK):
+            kb = _load_tile(k + i_h * K, offs, valid, i_k * BK, H * K, K, BK) * (fk * b)[:, None]
+            if DECAY == 1:
+                kb = kb * tl.exp(G)[:, None]
+            if DECAY == 2:  # cheaper to redo the cumsum than to order a reload of gc behind its store
+                kb = kb * tl.exp(tl.cumsum(_load_tile(g + i_h * K, offs, valid, i_k * BK, H * K, K, BK), 0))
+            _store_tile(w + i_h * K, tl.dot(A, kb, input_precision=PREC), offs, valid, i_k * BK, H * K, K, BK)
+        for i_v in range(NV):
             vb = _load_tile(v + i_h * V, offs, valid, i_v * BV, H * V, V, BV) * b[:, None]
             _store_tile(u + i_h * V, tl.dot(A, vb, input_precision=PREC), offs, valid, i_v * BV, H * V, V, BV)
 
 
 @triton.jit
-def _h_fwd_kernel(k, v, beta, gc, w, u, h0, hs, vn, ht, cu, coff,
-                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+def _h_fwd_kernel(k, v, beta, gc, rn, w, u, h0, hs, vn, ht, cu, coff,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr,
                   BV: tl.constexpr, DECAY: tl.constexpr, HAS_BETA: tl.constexpr, DELTA: tl.constexpr,
                   NORM: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
-    """The sequential pass: per (segment, head, V block), the state at every chunk start and v_new."""
+    """The sequential pass: per (segment, head, V block), the state at every chunk start and v_new. The
+    state block holds every key row (KP >= K): W h sums over all of them."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
     c0 = tl.load(coff + i_n).to(tl.int64)
-    rk = tl.arange(0, BK)
-    rv = i_v * BV + tl.arange(0, BV)
-    hmask = (rk[:, None] < K) & (rv[None, :] < V)
-    hoff = rk[:, None] * V + rv[None, :]
     if HAS_H0:
-        h = tl.load(h0 + i_nh.to(tl.int64) * (K * V) + hoff, mask=hmask, other=0.).to(tl.float32)
+        h = _load_state(h0, i_nh.to(tl.int64) * (K * V), 0, i_v * BV, K, V, KP, BV).to(tl.float32)
     else:
-        h = tl.zeros([BK, BV], dtype=tl.float32)
+        h = tl.zeros([KP, BV], dtype=tl.float32)
     for i_c in range(0, tl.cdiv(eos - bos, BT)):
         t0 = bos + i_c * BT
         offs = t0 + tl.arange(0, BT)
         valid = offs < eos
         t_last = tl.minimum(t0 + BT, eos) - 1
-        tl.store(hs + ((c0 + i_c) * H + i_h) * (K * V) + hoff, h, mask=hmask)
+        _store_state(hs, h, ((c0 + i_c) * H + i_h) * (K * V), 0, i_v * BV, K, V, KP, BV)
         if DELTA:
-            ww = _load_tile(w + i_h * K, offs, valid, 0, H * K, K, BK)
+            ww = _load_tile(w + i_h * K, offs, valid, 0, H * K, K, KP)
             b_vn = _load_tile(u + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
             b_vn -= tl.dot(ww, h, input_precision=PREC)
             _store_tile(vn + i_h * V, b_vn, offs, valid, i_v * BV, H * V, V, BV)
@@ -332,41 +334,51 @@ def _h_fwd_kernel(k, v, beta, gc, w, u, h0, hs, vn, ht, cu, coff,
             b_vn = _load_tile(v + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
             if HAS_BETA:
                 b_vn = b_vn * _load_beta(beta, offs, valid, H, i_h, HAS_BETA)[:, None]
-        kk = _load_qk(k + i_h * K, offs, valid, H * K, 1.0, K, BK, NORM)
-        if DECAY > 0:
-            G, G_last = _load_decay(gc, offs, valid, t_last, i_h, H, K, BK, DECAY)
-            kk = kk * _exp_to_end(G, G_last, valid, DECAY)
-            h = h * _exp_last(G_last, DECAY)
+        kk = _load_tile(k + i_h * K, offs, valid, 0, H * K, K, KP)
+        f = _row_factor(rn, offs, valid, i_h, H, 1, NORM)
+        if DECAY == 2:
+            G, G_last = _decay_cols(gc, offs, valid, t_last, i_h, 0, H, K, KP)
+            kk = kk * (f[:, None] * tl.exp(G_last[None, :] - G))
+            h = h * tl.exp(G_last)[:, None]
+        else:
+            # Row factors (norm, e^{G_last - G}) go on the (BT, BV) side of the product.
+            if DECAY == 1:
+                G, G_last = _decay_rows(gc, offs, valid, t_last, i_h, H)
+                f = f * tl.exp(G_last - G)
+                h = h * tl.exp(G_last)
+            b_vn = b_vn * f[:, None]
         h += tl.dot(tl.trans(kk), b_vn, input_precision=PREC)
-    tl.store(ht + i_nh.to(tl.int64) * (K * V) + hoff, h, mask=hmask)
+    _store_state(ht, h, i_nh.to(tl.int64) * (K * V), 0, i_v * BV, K, V, KP, BV)
 
 
 @triton.jit
-def _o_fwd_kernel(q, k, v, beta, gc, hs, vn, o, cu, cidx, scale,
+def _o_fwd_kernel(q, v, beta, gc, rn, Mqk, hs, vn, o, cu, cidx, scale,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr, DECAY: tl.constexpr, HAS_BETA: tl.constexpr, DELTA: tl.constexpr,
-                  NORM: tl.constexpr, PREC: tl.constexpr):
+                  BV: tl.constexpr, NK: tl.constexpr, DECAY: tl.constexpr, HAS_BETA: tl.constexpr,
+                  DELTA: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr):
+    """o = (q e^G) h + M v_new, the first product summed over K blocks."""
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs, valid, t_last = _chunk_rows(cu, cidx, i_t, BT)
-    qq = _load_qk(q + i_h * K, offs, valid, H * K, scale, K, BK, NORM)
-    kk = _load_qk(k + i_h * K, offs, valid, H * K, 1.0, K, BK, NORM)
-    G = tl.zeros([BT], dtype=tl.float32)
-    if DECAY > 0:
-        G, G_last = _load_decay(gc, offs, valid, t_last, i_h, H, K, BK, DECAY)
-    M = _pair(qq, kk, G, BT, DECAY, False, PREC)
-    if DECAY > 0:
-        qq = qq * _exp_rows(G, DECAY)
-    rk = tl.arange(0, BK)
-    rv = i_v * BV + tl.arange(0, BV)
-    h = tl.load(hs + (i_t.to(tl.int64) * H + i_h) * (K * V) + rk[:, None] * V + rv[None, :],
-                mask=(rk[:, None] < K) & (rv[None, :] < V), other=0.)
+    hbase = (i_t.to(tl.int64) * H + i_h) * (K * V)
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(NK):
+        qb = _load_tile(q + i_h * K, offs, valid, i_k * BK, H * K, K, BK)
+        if DECAY == 2:
+            G, G_last = _decay_cols(gc, offs, valid, t_last, i_h, i_k * BK, H, K, BK)
+            qb = qb * tl.exp(G)
+        acc += tl.dot(qb, _load_state(hs, hbase, i_k * BK, i_v * BV, K, V, BK, BV), input_precision=PREC)
+    f = _row_factor(rn, offs, valid, i_h, H, 0, NORM) * scale
+    if DECAY == 1:
+        G, G_last = _decay_rows(gc, offs, valid, t_last, i_h, H)
+        f = f * tl.exp(G)
+    M = _load_tile(Mqk + i_h * BT, offs, valid, 0, H * BT, BT, BT)
     if DELTA:
         b_vn = _load_tile(vn + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
     else:
         b_vn = _load_tile(v + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
         if HAS_BETA:
             b_vn = b_vn * _load_beta(beta, offs, valid, H, i_h, HAS_BETA)[:, None]
-    b_o = tl.dot(qq, h, input_precision=PREC) + tl.dot(M, b_vn, input_precision=PREC)
+    b_o = acc * f[:, None] + tl.dot(M, b_vn, input_precision=PREC)
     _store_tile(o + i_h * V, b_o, offs, valid, i_v * BV, H * V, V, BV)
 
 
@@ -375,8 +387,8 @@ def _o_fwd_kernel(q, k, v, beta, gc, hs, vn, o, cu, cidx, scale,
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _dh_bwd_kernel(q, k, gc, w, do, dht, dhs, dvn, dh0, cu, coff, scale,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+def _dh_bwd_kernel(q, k, gc, rn, Mqk, w, do, dht, dhs, dvn, dh0, cu, coff, scale,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr,
                    BV: tl.constexpr, DECAY: tl.constexpr, DELTA: tl.constexpr, NORM: tl.constexpr,
                    HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
     """The reverse pass: per chunk, the gradient wrt the state at its end (dhs) and wrt v_new (dvn)."""
@@ -385,14 +397,10 @@ def _dh_bwd_kernel(q, k, gc, w, do, dht, dhs, dvn, dh0, cu, coff, scale,
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
     c0 = tl.load(coff + i_n).to(tl.int64)
-    rk = tl.arange(0, BK)
-    rv = i_v * BV + tl.arange(0, BV)
-    hmask = (rk[:, None] < K) & (rv[None, :] < V)
-    hoff = rk[:, None] * V + rv[None, :]
     if HAS_DHT:
-        dh = tl.load(dht + i_nh.to(tl.int64) * (K * V) + hoff, mask=hmask, other=0.).to(tl.float32)
+        dh = _load_state(dht, i_nh.to(tl.int64) * (K * V), 0, i_v * BV, K, V, KP, BV).to(tl.float32)
     else:
-        dh = tl.zeros([BK, BV], dtype=tl.float32)
+        dh = tl.zeros([KP, BV], dtype=tl.float32)
     NT = tl.cdiv(eos - bos, BT)
     for i in range(0, NT):
         i_c = NT - 1 - i
@@ -400,60 +408,54 @@ def _dh_bwd_kernel(q, k, gc, w, do, dht, dhs, dvn, dh0, cu, coff, scale,
         offs = t0 + tl.arange(0, BT)
         valid = offs < eos
         t_last = tl.minimum(t0 + BT, eos) - 1
-        tl.store(dhs + ((c0 + i_c) * H + i_h) * (K * V) + hoff, dh, mask=hmask)
-        qq = _load_qk(q + i_h * K, offs, valid, H * K, scale, K, BK, NORM)
-        kk = _load_qk(k + i_h * K, offs, valid, H * K, 1.0, K, BK, NORM)
-        G = tl.zeros([BT], dtype=tl.float32)
-        if DECAY > 0:
-            G, G_last = _load_decay(gc, offs, valid, t_last, i_h, H, K, BK, DECAY)
-        M = _pair(qq, kk, G, BT, DECAY, False, PREC)
+        _store_state(dhs, dh, ((c0 + i_c) * H + i_h) * (K * V), 0, i_v * BV, K, V, KP, BV)
+        M = _load_tile(Mqk + i_h * BT, offs, valid, 0, H * BT, BT, BT)
         b_do = _load_tile(do + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
-        if DECAY > 0:
-            kk = kk * _exp_to_end(G, G_last, valid, DECAY)
-            qq = qq * _exp_rows(G, DECAY)
-        b_dvn = tl.dot(tl.trans(M), b_do, input_precision=PREC) + tl.dot(kk, dh, input_precision=PREC)
+        qq = _load_tile(q + i_h * K, offs, valid, 0, H * K, K, KP)
+        kk = _load_tile(k + i_h * K, offs, valid, 0, H * K, K, KP)
+        fq = _row_factor(rn, offs, valid, i_h, H, 0, NORM) * scale
+        fk = _row_factor(rn, offs, valid, i_h, H, 1, NORM)
+        if DECAY == 2:
+            G, G_last = _decay_cols(gc, offs, valid, t_last, i_h, 0, H, K, KP)
+            kk = kk * (fk[:, None] * tl.exp(G_last[None, :] - G))
+            qq = qq * (fq[:, None] * tl.exp(G))
+            b_dvn = tl.dot(tl.trans(M), b_do, input_precision=PREC) + tl.dot(kk, dh, input_precision=PREC)
+            dh = dh * tl.exp(G_last)[:, None] + tl.dot(tl.trans(qq), b_do, input_precision=PREC)
+        else:
+            if DECAY == 1:
+                G, G_last = _decay_rows(gc, offs, valid, t_last, i_h, H)
+                fk = fk * tl.exp(G_last - G)
+                fq = fq * tl.exp(G)
+            b_dvn = tl.dot(tl.trans(M), b_do, input_precision=PREC)
+            b_dvn += tl.dot(kk, dh, input_precision=PREC) * fk[:, None]
+            if DECAY == 1:
+                dh = dh * tl.exp(G_last)
+            dh += tl.dot(tl.trans(qq), b_do * fq[:, None], input_precision=PREC)
         _store_tile(dvn + i_h * V, b_dvn, offs, valid, i_v * BV, H * V, V, BV)
-        if DECAY > 0:
-            dh = dh * _exp_last(G_last, DECAY)
-        dh += tl.dot(tl.trans(qq), b_do, input_precision=PREC)
         if DELTA:
-            ww = _load_tile(w + i_h * K, offs, valid, 0, H * K, K, BK)
+            ww = _load_tile(w + i_h * K, offs, valid, 0, H * K, K, KP)
             dh -= tl.dot(tl.trans(ww), b_dvn, input_precision=PREC)
     if HAS_H0:
-        tl.store(dh0 + i_nh.to(tl.int64) * (K * V) + hoff, dh, mask=hmask)
+        _store_state(dh0, dh, i_nh.to(tl.int64) * (K * V), 0, i_v * BV, K, V, KP, BV)
 
 
 @triton.jit
-def _grad_bwd_kernel(q, k, v, beta, gc, Ai, w, u, hs, vn, do, dhs, dvn, dq, dk, dv, dbeta, dg, cu, cidx,
-                     scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, HAS_BETA: tl.constexpr,
-                     DELTA: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr):
-    """Per chunk: dq, dk, dv, dbeta, dg from the states (hs), their gradients (dhs) and dv_new (dvn)."""
+def _dv_bwd_kernel(v, beta, Ai, Mkk, vn, do, dvn, dv, dMs, dLs, dbp, cu, cidx,
+                   H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+                   HAS_BETA: tl.constexpr, DELTA: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk, everything that sums over V only: dv, the beta gradient through U, and the gradients
+    wrt M (dM = do v_new^T) and wrt L (dL = -(A^T dv_new) v_new^T: with W h = U - v_new the W and U
+    terms of dL collapse into one, so no sum over K is needed), stored for the dq/dk kernel."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     offs, valid, t_last = _chunk_rows(cu, cidx, i_t, BT)
     rows = tl.arange(0, BT)
-    rk = tl.arange(0, BK)
-    qq = _load_qk(q + i_h * K, offs, valid, H * K, scale, K, BK, NORM)
-    kk = _load_qk(k + i_h * K, offs, valid, H * K, 1.0, K, BK, NORM)
     b = _load_beta(beta, offs, valid, H, i_h, HAS_BETA)
-    G = tl.zeros([BT], dtype=tl.float32)
-    if DECAY > 0:
-        G, G_last = _load_decay(gc, offs, valid, t_last, i_h, H, K, BK, DECAY)
+    dM = tl.zeros([BT, BT], dtype=tl.float32)
+    dL = tl.zeros([BT, BT], dtype=tl.float32)
+    db = tl.zeros([BT], dtype=tl.float32)
     if DELTA:
         A = _load_tile(Ai + i_h * BT, offs, valid, 0, H * BT, BT, BT)
-    hbase = (i_t.to(tl.int64) * H + i_h) * (K * V)
-    b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # do h^T
-    b_dk = tl.zeros([BT, BK], dtype=tl.float32)  # v_new dh_next^T
-    b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # -dv_new h^T: the gradient wrt W
-    dM = tl.zeros([BT, BT], dtype=tl.float32)    # do v_new^T
-    dL = tl.zeros([BT, BT], dtype=tl.float32)    # the gradient wrt L, from U
-    db = tl.zeros([BT], dtype=tl.float32)
-    hdh = tl.zeros([BK], dtype=tl.float32)       # sum_v h dh_next: the gradient of e^{G_last}
-    for i_v in range(tl.cdiv(V, BV)):
-        rv = i_v * BV + tl.arange(0, BV)
-        hmask = (rk[:, None] < K) & (rv[None, :] < V)
-        h = tl.load(hs + hbase + rk[:, None] * V + rv[None, :], mask=hmask, other=0.)
-        dhn = tl.load(dhs + hbase + rk[:, None] * V + rv[None, :], mask=hmask, other=0.)
+    for i_v in range(NV):
         b_do = _load_tile(do + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
         b_dvn = _load_tile(dvn + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
         b_v = _load_tile(v + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
@@ -461,71 +463,168 @@ def _grad_bwd_kernel(q, k, v, beta, gc, Ai, w, u, hs, vn, do, dhs, dvn, dq, dk, 
             b_vn = _load_tile(vn + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
         else:
             b_vn = b_v * b[:, None]
-        b_dq += tl.dot(b_do, tl.trans(h), input_precision=PREC)
         dM += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
-        b_dk += tl.dot(b_vn, tl.trans(dhn), input_precision=PREC)
-        hdh += tl.sum(h * dhn, 1)
         if DELTA:
-            b_dw -= tl.dot(b_dvn, tl.trans(h), input_precision=PREC)
-            dU = tl.dot(tl.trans(A), b_dvn, input_precision=PREC)  # gradient wrt beta v
-            b_dv = dU * b[:, None]
-            db += tl.sum(b_v * dU, 1)
-            b_u = _load_tile(u + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
-            dL -= tl.dot(dU, tl.trans(b_u), input_precision=PREC)
+            dX = tl.dot(tl.trans(A), b_dvn, input_precision=PREC)  # gradient wrt beta v
+            b_dv = dX * b[:, None]
+            db += tl.sum(b_v * dX, 1)
+            dL -= tl.dot(dX, tl.trans(b_vn), input_precision=PREC)
         else:
             b_dv = b_dvn * b[:, None]
             db += tl.sum(b_v * b_dvn, 1)
         _store_tile(dv + i_h * V, b_dv, offs, valid, i_v * BV, H * V, V, BV)
-
-    # Across chunks: (q e^G) h and (k e^{G_last - G})^T v_new, and e^{G_last} h.
-    if DECAY > 0:
-        b_dq = b_dq * _exp_rows(G, DECAY)
-        b_dk = b_dk * _exp_to_end(G, G_last, valid, DECAY)
-        dG = _sum_k(qq * b_dq - kk * b_dk, DECAY)
-        if DECAY == 1:
-            dG_last = tl.sum(tl.sum(kk * b_dk, 1), 0) + tl.sum(hdh, 0) * tl.exp(G_last)
-        else:
-            dG_last = tl.sum(kk * b_dk, 0) + hdh * tl.exp(G_last)
-    # Inside the chunk: M = lower(q k^T e^{G_t - G_s}).
-    da, dbk, dGp = _pair_bwd(dM, qq, kk, G, BT, BK, DECAY, False, PREC)
-    b_dq += da
-    b_dk += dbk
+    _store_tile(dMs + i_h * BT, tl.where(rows[:, None] >= rows[None, :], dM, 0.), offs, valid, 0, H * BT, BT, BT)
     if DELTA:
-        # W = A (beta k e^G), U = A (beta v), A = (I + L)^-1: dL = -(A^T dW) W^T - (A^T dU) U^T.
-        dWy = tl.dot(tl.trans(A), b_dw, input_precision=PREC)
-        ww = _load_tile(w + i_h * K, offs, valid, 0, H * K, K, BK)
-        dL -= tl.dot(dWy, tl.trans(ww), input_precision=PREC)
-        kg = kk
-        bg = b[:, None]
-        if DECAY > 0:
-            eg = _exp_rows(G, DECAY)
-            kg = kk * eg
-            bg = bg * eg
-        b_dk += dWy * bg
-        db += tl.sum(kg * dWy, 1)
-        # L = beta_t pair_strict(k, k)
+        # L = beta_t pair_strict(k, k)_ts: the pair's gradient is dL beta_t, beta's sums dL pair.
         dL = tl.where(rows[:, None] > rows[None, :], dL, 0.)
-        db += tl.sum(dL * _pair(kk, kk, G, BT, DECAY, True, PREC), 1)
-        da2, dbk2, dG2 = _pair_bwd(dL * b[:, None], kk, kk, G, BT, BK, DECAY, True, PREC)
-        b_dk += da2 + dbk2
-    if DECAY > 0:
-        dG += dGp
-        if DELTA:
-            dG += _sum_k(kg * dWy * b[:, None], DECAY) + dG2
-        if DECAY == 1:
-            b_dg = tl.cumsum(dG, 0, reverse=True) + dG_last
-            tl.store(dg + offs * H + i_h, b_dg.to(dg.dtype.element_ty), mask=valid)
-        else:
-            b_dg = tl.cumsum(dG, 0, reverse=True) + dG_last[None, :]
-            _store_tile(dg + i_h * K, b_dg, offs, valid, 0, H * K, K, BK)
+        db += tl.sum(dL * _load_tile(Mkk + i_h * BT, offs, valid, 0, H * BT, BT, BT), 1)
+        _store_tile(dLs + i_h * BT, dL * b[:, None], offs, valid, 0, H * BT, BT, BT)
     if HAS_BETA:
+        tl.store(dbp + offs * H + i_h, db, mask=valid)
+
+
+@triton.jit
+def _dqk_bwd_kernel(q, k, v, beta, gc, rn, Ai, hs, vn, do, dhs, dvn, dMs, dLs, dbp, dq, dk, dbeta, dg,
+                    dq32, dk32, cu, cidx, scale,
+                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, DECAY: tl.constexpr,
+                    HAS_BETA: tl.constexpr, DELTA: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk, one K block at a time: dq, dk, the rest of dbeta, and dg.
+
+    Each G_t multiplies the rows of q (and k in e^G terms) and divides the k terms e^{-G}, so the
+    gradient wrt G is q dq - k dk summed over each term's own factors: kept per channel for a
+    per-channel decay, summed over K blocks for a scalar one; dg is its reverse cumsum plus the G_last
+    part. Under NORM the gradient wrt raw q needs sum_k qn dqn over the whole row: with several K blocks
+    the normalised-space gradients go through fp32 scratch (dq32, dk32) and a second pass."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    offs, valid, t_last = _chunk_rows(cu, cidx, i_t, BT)
+    rows = tl.arange(0, BT)
+    hbase = (i_t.to(tl.int64) * H + i_h) * (K * V)
+    b = _load_beta(beta, offs, valid, H, i_h, HAS_BETA)
+    rq = _row_factor(rn, offs, valid, i_h, H, 0, NORM)
+    rk = _row_factor(rn, offs, valid, i_h, H, 1, NORM)
+    fq = rq * scale
+    dM = _load_tile(dMs + i_h * BT, offs, valid, 0, H * BT, BT, BT)
+    if DELTA:
+        A = _load_tile(Ai + i_h * BT, offs, valid, 0, H * BT, BT, BT)
+        dL = _load_tile(dLs + i_h * BT, offs, valid, 0, H * BT, BT, BT)
+    G = tl.zeros([BT], dtype=tl.float32)
+    G_last = 0.
+    eq = tl.full([BT], 1., dtype=tl.float32)
+    ek = valid.to(tl.float32)
+    if DECAY == 1:
+        G, G_last = _decay_rows(gc, offs, valid, t_last, i_h, H)
+        D = tl.exp(tl.where(rows[:, None] >= rows[None, :], G[:, None] - G[None, :], 0.))
+        dM = dM * D
+        if DELTA:
+            dL = dL * D
+        eq = tl.exp(G)
+        ek = tl.where(valid, tl.exp(G_last - G), 0.)
+    dG = tl.zeros([BT], dtype=tl.float32)    # scalar decay: the gradient wrt G
+    dGk = tl.zeros([BT], dtype=tl.float32)   # scalar decay: rows of sum_k k dk for G_last
+    hdh = tl.zeros([BK], dtype=tl.float32)   # scalar decay: sum_v h dh_next, summed over K blocks
+    db = tl.zeros([BT], dtype=tl.float32)
+    sq = tl.zeros([BT], dtype=tl.float32)
+    sk = tl.zeros([BT], dtype=tl.float32)
+    for i_k in range(NK):
+        c0 = i_k * BK
+        qn = _load_tile(q + i_h * K, offs, valid, c0, H * K, K, BK) * rq[:, None]
+        kb = _load_tile(k + i_h * K, offs, valid, c0, H * K, K, BK) * rk[:, None]
+        qb = qn * scale
+        b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # do h^T
+        b_dk = tl.zeros([BT, BK], dtype=tl.float32)  # v_new dh_next^T
+        b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # dv_new h^T = -(the gradient wrt W)
+        b_hdh = tl.zeros([BK], dtype=tl.float32)
+        for i_v in range(NV):
+            h = _load_state(hs, hbase, c0, i_v * BV, K, V, BK, BV)
+            dhn = _load_state(dhs, hbase, c0, i_v * BV, K, V, BK, BV)
+            b_do = _load_tile(do + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
+            if DELTA:
+                b_vn = _load_tile(vn + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
+            else:
+                b_vn = _load_tile(v + i_h * V, offs, valid, i_v * BV, H * V, V, BV) * b[:, None]
+            b_dq += tl.dot(b_do, tl.trans(h), input_precision=PREC)
+            b_dk += tl.dot(b_vn, tl.trans(dhn), input_precision=PREC)
+            if DELTA:
+                b_dvn = _load_tile(dvn + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
+                b_dw += tl.dot(b_dvn, tl.trans(h), input_precision=PREC)
+            if DECAY > 0:
+                b_hdh += tl.sum(h * dhn, 1)
+        # Across chunks: (q e^G) h and (k e^{G_last - G})^T v_new, and e^{G_last} h.
+        if DECAY == 2:
+            Gb, Gb_last = _decay_cols(gc, offs, valid, t_last, i_h, c0, H, K, BK)
+            eqb = tl.exp(Gb)
+            b_dq = b_dq * eqb
+            b_dk = b_dk * tl.where(valid[:, None], tl.exp(Gb_last[None, :] - Gb), 0.)
+            dGb = qb * b_dq - kb * b_dk
+            dGb_last = tl.sum(kb * b_dk, 0) + b_hdh * tl.exp(Gb_last)
+        else:
+            eqb = eq[:, None]
+            b_dq = b_dq * eqb
+            b_dk = b_dk * ek[:, None]
+            dGb = qb * b_dq - kb * b_dk
+            dGk += tl.sum(kb * b_dk, 1)
+            hdh += b_hdh
+        # Inside the chunk: M = lower(q k^T e^{G_t - G_s}).
+        if DECAY == 2:
+            da, dbk = _pair_channel_bwd(dM, qb, kb, Gb, BT, BK)
+        else:
+            da = tl.dot(dM, kb, input_precision=PREC)
+            dbk = tl.dot(tl.trans(dM), qb, input_precision=PREC)
+        b_dq += da
+        b_dk += dbk
+        dGb += qb * da - kb * dbk
+        if DELTA:
+            # W = A (beta k e^G): its gradient pulled through A.
+            dWy = -tl.dot(tl.trans(A), b_dw, input_precision=PREC)
+            kg = kb * eqb
+            b_dk += dWy * (b[:, None] * eqb)
+            x = kg * dWy
+            db += tl.sum(x, 1)
+            dGb += x * b[:, None]
+            # L = beta_t pair_strict(k, k): dL (already times beta) for both sides of the pair.
+            if DECAY == 2:
+                da, dbk = _pair_channel_bwd(dL, kb, kb, Gb, BT, BK)
+            else:
+                da = tl.dot(dL, kb, input_precision=PREC)
+                dbk = tl.dot(tl.trans(dL), kb, input_precision=PREC)
+            b_dk += da + dbk
+            dGb += kb * (da - dbk)
+        if DECAY == 2:
+            b_dg = tl.cumsum(dGb, 0, reverse=True) + dGb_last[None, :]
+            _store_tile(dg + i_h * K, b_dg, offs, valid, c0, H * K, K, BK)
+        if DECAY == 1:
+            dG += tl.sum(dGb, 1)
+        b_dq = b_dq * scale  # now wrt the normalised q (or q itself)
+        if NORM:
+            if NK == 1:
+                _store_tile(dq + i_h * K, _l2norm_bwd(qn, rq, b_dq), offs, valid, c0, H * K, K, BK)
+                _store_tile(dk + i_h * K, _l2norm_bwd(kb, rk, b_dk), offs, valid, c0, H * K, K, BK)
+            else:
+                sq += tl.sum(qn * b_dq, 1)
+                sk += tl.sum(kb * b_dk, 1)
+                _store_tile(dq32 + i_h * K, b_dq, offs, valid, c0, H * K, K, BK)
+                _store_tile(dk32 + i_h * K, b_dk, offs, valid, c0, H * K, K, BK)
+        else:
+            _store_tile(dq + i_h * K, b_dq, offs, valid, c0, H * K, K, BK)
+            _store_tile(dk + i_h * K, b_dk, offs, valid, c0, H * K, K, BK)
+    if DECAY == 1:
+        b_dg = tl.cumsum(dG, 0, reverse=True) + (tl.sum(dGk, 0) + tl.sum(hdh, 0) * tl.exp(G_last))
+        tl.store(dg + offs * H + i_h, b_dg.to(dg.dtype.element_ty), mask=valid)
+    if HAS_BETA:
+        db += tl.load(dbp + offs * H + i_h, mask=valid, other=0.)
         tl.store(dbeta + offs * H + i_h, db.to(dbeta.dtype.element_ty), mask=valid)
-    b_dq = b_dq * scale
     if NORM:
-        b_dq = _l2norm_bwd(_load_tile(q + i_h * K, offs, valid, 0, H * K, K, BK), b_dq)
-        b_dk = _l2norm_bwd(_load_tile(k + i_h * K, offs, valid, 0, H * K, K, BK), b_dk)
-    _store_tile(dq + i_h * K, b_dq, offs, valid, 0, H * K, K, BK)
-    _store_tile(dk + i_h * K, b_dk, offs, valid, 0, H * K, K, BK)
+        if NK > 1:
+            tl.debug_barrier()  # the scratch rows were written by other threads of this program
+            for i_k in range(NK):
+                c0 = i_k * BK
+                qn = _load_tile(q + i_h * K, offs, valid, c0, H * K, K, BK) * rq[:, None]
+                x = _load_tile(dq32 + i_h * K, offs, valid, c0, H * K, K, BK)
+                _store_tile(dq + i_h * K, rq[:, None] * (x - qn * sq[:, None]), offs, valid, c0, H * K, K, BK)
+                kn = _load_tile(k + i_h * K, offs, valid, c0, H * K, K, BK) * rk[:, None]
+                x = _load_tile(dk32 + i_h * K, offs, valid, c0, H * K, K, BK)
+                _store_tile(dk + i_h * K, rk[:, None] * (x - kn * sk[:, None]), offs, valid, c0, H * K, K, BK)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -569,19 +668,35 @@ def _step_kernel(q, k, v, g, beta, s, o, s_new, scale,
 # Host side
 # ----------------------------------------------------------------------------------------------------
 
-def _config(K: int, V: int, chunk_size: int) -> dict:
-    """Fixed block sizes (the interpreter cannot autotune): K in one block, V split in blocks of BV.
+# Test and tuning hook: entries here replace those of every `_config` result (e.g. BK=16 so that the
+# K-block loops run more than once at the interpreter's tiny shapes).
+CONFIG_OVERRIDES: dict = {}
 
-    The chunk size is a hint (the results do not depend on it): a power of 2 from 16 (tl.dot's least
-    size) to 64. The gradient kernel holds five (BT, BK) fp32 tiles besides its V block, which overflows shared memory
-    on Hopper for BT = 64 and K = 128: the chunk shrinks with the head dim until that kernel is split over
-    K blocks. No software pipelining yet (to tune on the GPU)."""
-    BK = max(16, triton.next_power_of_2(K))
-    if BK > 256:
-        raise NotImplementedError(f"head dim K={K}: the kernels hold a whole key row, K <= 256")
-    BT = min(max(16, triton.next_power_of_2(chunk_size)), {16: 64, 32: 64, 64: 64, 128: 32, 256: 16}[BK])
-    BV = max(16, min(triton.next_power_of_2(V), 64 if BK <= 128 else 32))
-    return dict(BT=BT, BK=BK, BV=BV, BV_grad=min(BV, 32 if BK >= 128 else 64), num_warps=4, num_stages=1)
+
+def _config(K: int, V: int, chunk_size: int) -> dict:
+    """Fixed block sizes (the interpreter cannot autotune).
+
+    BT, the chunk, is a hint (the results do not depend on it): a power of 2 from 16 (tl.dot's least
+    size) to 64, for every head dim. The per-chunk kernels work on K in blocks of BK and on V in blocks
+    of BV; the sequential kernels (h, dh) hold the state block as all KP >= K key rows by BV_h values,
+    since W h sums over every key. The step kernel uses KP and BV_h too.
+    """
+    KP = max(16, triton.next_power_of_2(K))
+    if KP > 256:
+        raise NotImplementedError(f"head dim K={K}: the sequential kernels hold whole key rows, K <= 256")
+    cfg = dict(
+        BT=min(max(16, triton.next_power_of_2(chunk_size)), 64),
+        KP=KP,
+        BK=min(KP, 64),
+        BV=max(16, min(triton.next_power_of_2(V), 64)),
+        BV_h=max(16, min(triton.next_power_of_2(V), 64 if KP <= 64 else 32)),
+        warps=4,        # prep, o, dv
+        warps_h=4,      # h, dh
+        warps_dqk=8,    # dq/dk: three (BT, BK) accumulators plus the state tiles
+        stages=1,
+    )
+    cfg.update(CONFIG_OVERRIDES)
+    return cfg
 
 
 def _chunk_layout(cu: Tensor, BT: int) -> Tuple[Tensor, Tensor, int]:
@@ -603,6 +718,7 @@ class _Plan:
         B, T, H, K = q.shape
         V = v.shape[-1]
         cfg = _config(K, V, chunk_size)
+        self.cfg = cfg
         self.B, self.T, self.H, self.K, self.V, self.BT = B, T, H, K, V, cfg["BT"]
         if cu_seqlens is None:
             cu_seqlens = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
@@ -615,9 +731,11 @@ class _Plan:
         # fp32 inputs: three-pass tf32 products, about fp32-accurate ("ieee" unrolls into FMA code that
         # takes minutes to compile); 16-bit inputs: one-pass tf32 on fp32 operands.
         self.prec = "tf32x3" if all(x.dtype == torch.float32 for x in (q, k, v)) else "tf32"
-        self.BK, self.BV, self.BV_grad = cfg["BK"], cfg["BV"], cfg["BV_grad"]
-        self.launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        self.NV = triton.cdiv(V, self.BV)
+        self.BK, self.BV, self.KP, self.BV_h = cfg["BK"], cfg["BV"], cfg["KP"], cfg["BV_h"]
+        self.NK, self.NV = triton.cdiv(K, self.BK), triton.cdiv(V, self.BV)
+
+    def launch(self, which=""):
+        return dict(num_warps=self.cfg["warps" + which], num_stages=self.cfg["stages"])
 
     def switches(self):
         return dict(DECAY=self.decay, DELTA=self.delta, NORM=self.norm, PREC=self.prec)
@@ -627,26 +745,28 @@ class _Plan:
         return None if x is None else x.reshape((self.B * self.T,) + tuple(x.shape[2:])).contiguous()
 
 
-def _forward_states(p: _Plan, k, v, g, beta, h0):
-    """prep and the sequential pass: (G, A, W, U, per-chunk states, v_new, final state), all fp32."""
+def _forward_states(p: _Plan, q, k, v, g, beta, h0) -> dict:
+    """prep and the sequential pass, all fp32: G (gc), row norms (rn), M and pair_strict(k, k) per chunk
+    row (Mqk, Mkk), A, W, U, the state at every chunk start (hs), v_new (vn), the final state (ht)."""
     TT, H, K, V, BT = p.B * p.T, p.H, p.K, p.V, p.BT
     dev, f32 = k.device, torch.float32
-    gc = torch.empty((TT, H) + ((K,) if p.decay == 2 else ()), device=dev, dtype=f32) if p.decay else None
-    Ai = torch.empty(TT, H, BT, device=dev, dtype=f32) if p.delta else None
-    w = torch.empty(TT, H, K, device=dev, dtype=f32) if p.delta else None
-    u = torch.empty(TT, H, V, device=dev, dtype=f32) if p.delta else None
-    vn = torch.empty(TT, H, V, device=dev, dtype=f32) if p.delta else None
-    hs = torch.empty(p.NT, H, K, V, device=dev, dtype=f32)
-    ht = torch.empty(p.N, H, K, V, device=dev, dtype=f32)
+    new = lambda *shape: torch.empty(*shape, device=dev, dtype=f32)
+    s = dict(gc=(new(TT, H, K) if p.decay == 2 else new(TT, H)) if p.decay else None,
+             rn=new(TT, H, 2) if p.norm else None, Mqk=new(TT, H, BT),
+             Mkk=new(TT, H, BT) if p.delta else None, Ai=new(TT, H, BT) if p.delta else None,
+             w=new(TT, H, K) if p.delta else None, u=new(TT, H, V) if p.delta else None,
+             vn=new(TT, H, V) if p.delta else None, hs=new(p.NT, H, K, V), ht=new(p.N, H, K, V))
     x = k  # stands in for pointers a switch leaves unused
-    meta = dict(H=H, K=K, V=V, BT=BT, BK=p.BK, BV=p.BV, HAS_BETA=p.has_beta, **p.switches())
-    if p.NT and (p.decay or p.delta):
-        _prep_fwd_kernel[(p.NT, H)](k, v, _or(g, x), _or(beta, x), _or(gc, x), _or(Ai, x), _or(w, x),
-                                    _or(u, x), p.cu, p.cidx, **p.launch, **meta)
-    _h_fwd_kernel[(p.NV, p.N * H)](k, v, _or(beta, x), _or(gc, x), _or(w, x), _or(u, x), _or(h0, x), hs,
-                                   _or(vn, x), ht, p.cu, p.coff, HAS_H0=h0 is not None,
-                                   **p.launch, **meta)
-    return gc, Ai, w, u, hs, vn, ht
+    o = {n: _or(t, x) for n, t in s.items()}
+    if p.NT:
+        _prep_kernel[(p.NT, H)](q, k, v, _or(g, x), _or(beta, x), o["gc"], o["rn"], o["Mqk"], o["Mkk"], o["Ai"],
+                                o["w"], o["u"], p.cu, p.cidx, p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK, BV=p.BV,
+                                NK=p.NK, NV=p.NV, HAS_BETA=p.has_beta, **p.switches(), **p.launch())
+    _h_fwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
+        k, v, _or(beta, x), o["gc"], o["rn"], o["w"], o["u"], _or(h0, x), s["hs"], o["vn"], s["ht"], p.cu,
+        p.coff, H=H, K=K, V=V, BT=BT, KP=p.KP, BV=p.BV_h, HAS_BETA=p.has_beta, HAS_H0=h0 is not None,
+        **p.switches(), **p.launch("_h"))
+    return s
 
 
 def _or(t, default):
@@ -660,16 +780,18 @@ class ChunkMemoryFunction(torch.autograd.Function):
         p = _Plan(q, k, v, g, beta, delta, scale, cu_seqlens, normalize_qk, chunk_size)
         fq, fk, fv, fg, fb = (p.flat(x) for x in (q, k, v, g, beta))
         h0 = None if initial_state is None else initial_state.contiguous()
-        gc, Ai, w, u, hs, vn, ht = _forward_states(p, fk, fv, fg, fb, h0)
+        s = _forward_states(p, fq, fk, fv, fg, fb, h0)
         o = torch.empty_like(fv)
         if p.NT:
-            _o_fwd_kernel[(p.NV, p.NT, p.H)](fq, fk, fv, _or(fb, fk), _or(gc, fk), hs, _or(vn, fk), o, p.cu,
-                                             p.cidx, p.scale, H=p.H, K=p.K, V=p.V, BT=p.BT, BK=p.BK, BV=p.BV,
-                                             HAS_BETA=p.has_beta, **p.launch, **p.switches())
+            x = fk
+            _o_fwd_kernel[(p.NV, p.NT, p.H)](fq, fv, _or(fb, x), _or(s["gc"], x), _or(s["rn"], x), s["Mqk"],
+                                             s["hs"], _or(s["vn"], x), o, p.cu, p.cidx, p.scale, H=p.H, K=p.K,
+                                             V=p.V, BT=p.BT, BK=p.BK, BV=p.BV, NK=p.NK, HAS_BETA=p.has_beta,
+                                             **p.switches(), **p.launch())
         ctx.save_for_backward(q, k, v, g, beta, initial_state)
         ctx.plan = p
         ctx.set_materialize_grads(False)  # an unused final state comes back as None: skip its gradient
-        return o.view(v.shape), ht
+        return o.view(v.shape), s["ht"]
 
     @staticmethod
     def backward(ctx, do, dht):
@@ -677,26 +799,38 @@ class ChunkMemoryFunction(torch.autograd.Function):
         p = ctx.plan
         fq, fk, fv, fg, fb = (p.flat(x) for x in (q, k, v, g, beta))
         h0 = None if initial_state is None else initial_state.contiguous()
-        gc, Ai, w, u, hs, vn, _ = _forward_states(p, fk, fv, fg, fb, h0)
+        s = _forward_states(p, fq, fk, fv, fg, fb, h0)
         do = torch.zeros_like(fv) if do is None else p.flat(do)
         dht = None if dht is None else dht.contiguous()
-        H, K, V = p.H, p.K, p.V
-        dhs = torch.empty_like(hs)
-        dvn = torch.empty(fv.shape, device=fv.device, dtype=torch.float32)
-        dh0 = torch.empty(p.N, H, K, V, device=fv.device, dtype=torch.float32) if h0 is not None else None
+        TT, H, K, V, BT = p.B * p.T, p.H, p.K, p.V, p.BT
+        dev, f32 = fv.device, torch.float32
         x = fk
-        meta = dict(H=H, K=K, V=V, BT=p.BT, BK=p.BK, **p.switches())
-        _dh_bwd_kernel[(p.NV, p.N * H)](fq, fk, _or(gc, x), _or(w, x), do, _or(dht, x), dhs, dvn, _or(dh0, x),
-                                        p.cu, p.coff, p.scale, HAS_DHT=dht is not None,
-                                        HAS_H0=h0 is not None, BV=p.BV, **p.launch, **meta)
+        o = {n: _or(t, x) for n, t in s.items()}
+        dhs = torch.empty_like(s["hs"])
+        dvn = torch.empty(TT, H, V, device=dev, dtype=f32)
+        dh0 = torch.empty(p.N, H, K, V, device=dev, dtype=f32) if h0 is not None else None
+        _dh_bwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
+            fq, fk, o["gc"], o["rn"], s["Mqk"], o["w"], do, _or(dht, x), dhs, dvn, _or(dh0, x), p.cu, p.coff,
+            p.scale, H=H, K=K, V=V, BT=BT, KP=p.KP, BV=p.BV_h, HAS_DHT=dht is not None, HAS_H0=h0 is not None,
+            **p.switches(), **p.launch("_h"))
         dq, dk, dv = torch.empty_like(fq), torch.empty_like(fk), torch.empty_like(fv)
         dg = torch.empty_like(fg) if fg is not None else None
         db = torch.empty_like(fb) if fb is not None else None
         if p.NT:
-            _grad_bwd_kernel[(p.NT, H)](fq, fk, fv, _or(fb, x), _or(gc, x), _or(Ai, x), _or(w, x), _or(u, x),
-                                        hs, _or(vn, x), do, dhs, dvn, dq, dk, dv, _or(db, x), _or(dg, x),
-                                        p.cu, p.cidx, p.scale, HAS_BETA=p.has_beta, BV=p.BV_grad,
-                                        **p.launch, **meta)
+            dMs = torch.empty(TT, H, BT, device=dev, dtype=f32)
+            dLs = torch.empty(TT, H, BT, device=dev, dtype=f32) if p.delta else None
+            dbp = torch.empty(TT, H, device=dev, dtype=f32) if p.has_beta else None
+            scratch = p.norm and p.NK > 1
+            dq32 = torch.empty(TT, H, K, device=dev, dtype=f32) if scratch else None
+            dk32 = torch.empty(TT, H, K, device=dev, dtype=f32) if scratch else None
+            _dv_bwd_kernel[(p.NT, H)](fv, _or(fb, x), o["Ai"], o["Mkk"], o["vn"], do, dvn, dv, dMs, _or(dLs, x),
+                                      _or(dbp, x), p.cu, p.cidx, H=H, V=V, BT=BT, BV=p.BV, NV=p.NV,
+                                      HAS_BETA=p.has_beta, DELTA=p.delta, PREC=p.prec, **p.launch())
+            _dqk_bwd_kernel[(p.NT, H)](fq, fk, fv, _or(fb, x), o["gc"], o["rn"], o["Ai"], s["hs"], o["vn"], do,
+                                       dhs, dvn, dMs, _or(dLs, x), _or(dbp, x), dq, dk, _or(db, x), _or(dg, x),
+                                       _or(dq32, x), _or(dk32, x), p.cu, p.cidx, p.scale, H=H, K=K, V=V,
+                                       BT=BT, BK=p.BK, BV=p.BV, NK=p.NK, NV=p.NV, HAS_BETA=p.has_beta,
+                                       **p.switches(), **p.launch("_dqk"))
         else:
             for t in (dq, dk, dv, dg, db):
                 if t is not None:
@@ -738,9 +872,9 @@ def step_memory(q: Tensor, k: Tensor, v: Tensor, state: Tensor, g: Optional[Tens
     o = torch.empty(B, H, V, device=q.device, dtype=q.dtype)
     s_new = torch.empty_like(state)
     scale = float(K ** -0.5 if scale is None else scale)
-    _step_kernel[(triton.cdiv(V, cfg["BV"]), B * H)](
-        q, k, v, g, beta_, state, o, s_new, scale, K=K, V=V, BK=cfg["BK"], BV=cfg["BV"], DECAY=decay,
-        HAS_BETA=beta is not None, DELTA=bool(delta), NORM=bool(normalize_qk), num_warps=cfg["num_warps"])
+    _step_kernel[(triton.cdiv(V, cfg["BV_h"]), B * H)](
+        q, k, v, g, beta_, state, o, s_new, scale, K=K, V=V, BK=cfg["KP"], BV=cfg["BV_h"], DECAY=decay,
+        HAS_BETA=beta is not None, DELTA=bool(delta), NORM=bool(normalize_qk), num_warps=cfg["warps_h"])
     return o, s_new
 
 

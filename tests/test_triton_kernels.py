@@ -133,6 +133,15 @@ def test_other_switches(spec):
     check(None, 1, 21, 1, 32, 16, 16, True, False, seed=5, spec=spec, scale=0.3)
 
 
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_k_and_v_blocks(algo, norm, monkeypatch):
+    """Blocks of 16 for K = 40 and V = 24: the loops over K and V blocks run several times, with masked
+    tails, and under normalize_qk the dq/dk scratch pass runs (it needs more than one K block)."""
+    monkeypatch.setattr(TC, "CONFIG_OVERRIDES", dict(BK=16, BV=16, BV_h=16))
+    check(algo, 1, 45, 2, 40, 24, 32, True, norm, seed=hash((algo, norm)) % 2**31)
+
+
 @pytest.mark.parametrize("algo", ALGORITHMS)
 def test_varlen_with_empty_and_short_segments(algo):
     lens = [0, 1, 17, 0, 33, 16, 2]
