@@ -35,19 +35,28 @@ class Attention(nn.Module):
         pos = torch.arange(T, device=x.device)
         k = rotary(k, pos)
         o = F.scaled_dot_product_attention(rotary(q, pos), k, v, is_causal=True)
-        return self.out(o.transpose(1, 2).flatten(2)), {"k": k, "v": v}
+        return self.out(o.transpose(1, 2).flatten(2)), {"k": k, "v": v, "len": T}
 
-    def init_state(self, batch: int, device, dtype) -> Dict[str, Tensor]:
+    def init_state(self, batch: int, device, dtype) -> Dict[str, object]:
         empty = torch.zeros(batch, self.num_heads, 0, self.head_dim, device=device, dtype=dtype)
-        return {"k": empty, "v": empty.clone()}
+        return {"k": empty, "v": empty.clone(), "len": 0}
 
-    def step(self, x: Tensor, state: Dict[str, Tensor]) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def step(self, x: Tensor, state: Dict[str, object]) -> Tuple[Tensor, Dict[str, object]]:
+        """The cache is a buffer with room to spare, filled up to `len`: a token writes one slot instead of
+        copying the whole cache (which would double the per-token traffic). Slots past `len` are never
+        read, so the state passed in stays valid."""
         q, k, v = (t[:, :, None] for t in self._heads(x))  # (B, H, 1, D)
-        pos = torch.tensor([state["k"].shape[2]], device=x.device)
-        k_cache = torch.cat([state["k"], rotary(k, pos)], 2)
-        v_cache = torch.cat([state["v"], v], 2)
-        o = F.scaled_dot_product_attention(rotary(q, pos), k_cache, v_cache)
-        return self.out(o[:, :, 0].flatten(1)), {"k": k_cache, "v": v_cache}
+        n = state.get("len", state["k"].shape[2])
+        k_buf, v_buf = state["k"], state["v"]
+        if n == k_buf.shape[2]:  # full: double the room
+            B, H, _, D = k_buf.shape
+            grow = lambda buf: torch.cat([buf[:, :, :n], buf.new_empty(B, H, max(n, 64), D)], 2)
+            k_buf, v_buf = grow(k_buf), grow(v_buf)
+        pos = torch.tensor([n], device=x.device)
+        k_buf[:, :, n:n + 1] = rotary(k, pos)
+        v_buf[:, :, n:n + 1] = v
+        o = F.scaled_dot_product_attention(rotary(q, pos), k_buf[:, :, :n + 1], v_buf[:, :, :n + 1])
+        return self.out(o[:, :, 0].flatten(1)), {"k": k_buf, "v": v_buf, "len": n + 1}
 
     def state_size(self, seq_len: int) -> Dict[str, int]:
         # Zoology's convention: keys and values of every position up to the longest sequence.

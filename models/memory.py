@@ -206,41 +206,50 @@ class MemoryMixer(nn.Module):
                 state[f"conv{i}"] = conv.init_state(batch, device, dtype)[:, None].repeat(1, self.M, 1, 1)
         return state
 
+    def _select(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """The memories a token (B, D) updates, (B, A), and their output weights: its top-k routed memories
+        with renormalised weights, then the shared memory with weight 1. Indices in a row are distinct."""
+        index, weight = [], []
+        if self.routed:
+            _, w, i = self._route(x)
+            index.append(i)
+            weight.append(w)
+        if self.shared:
+            index.append(torch.full((x.shape[0], 1), self.M - 1, device=x.device, dtype=torch.long))
+            weight.append(torch.ones(x.shape[0], 1, device=x.device, dtype=upcast(x).dtype))
+        return torch.cat(index, 1), torch.cat(weight, 1)
+
     def step(self, x: Tensor, state: Dict[str, Tensor]) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """One token per sequence. Only the selected memories (and their convolution windows) are read and
+        written, all of them in one core call, and `state` is updated in place and returned: decoding is
+        bound by state traffic, and copying every memory's state per token would more than double it."""
         B = x.shape[0]
         H, K, V = self.H, self.K, self.V
-        weight = torch.ones(B, self.M, device=x.device, dtype=upcast(x).dtype)
-        if self.routed:
-            _, w, index = self._route(x)
-            weight[:, : self.routed] = torch.zeros_like(weight[:, : self.routed]).scatter(1, index, w)
-            active = torch.zeros(B, self.M, dtype=torch.bool, device=x.device)
-            active[:, : self.routed].scatter_(1, index, True)
-            active[:, self.routed:] = True
-        else:
-            active = torch.ones(B, self.M, dtype=torch.bool, device=x.device)
-        q_tok = self.q_proj(x)
-        new = {key: val.clone() for key, val in state.items()}
-        out = torch.zeros(B, H, V, device=x.device, dtype=weight.dtype)
-        for m in range(self.M):
-            k, v, a, b = self._project(x, m)
-            q = q_tok
-            if self.convs is not None:
-                (q, cq), (k, ck), (v, cv) = (conv.step(t, state[f"conv{i}"][:, m]) for i, (conv, t) in
-                                             enumerate(zip(self.convs, (q_tok, k, v))))
-            g, beta = self._gates(a, b)
-            o, S = memory_step(q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V)),
-                               state["S"][:, m], g=g, beta=beta, delta=self.kind.delta,
-                               normalize_qk=self.kind.normalize_qk)
-            o = upcast(o)
-            if self.kind.skip:
-                o = o + self.D_skip[:, None] * upcast(v).unflatten(-1, (H, V))
-            keep = active[:, m]  # an unrouted memory keeps its state and its convolution window
-            new["S"][:, m] = torch.where(keep[:, None, None, None], S, state["S"][:, m])
-            if self.convs is not None:
-                for i, c in enumerate((cq, ck, cv)):
-                    new[f"conv{i}"][:, m] = torch.where(keep[:, None, None], c, state[f"conv{i}"][:, m])
-            out = out + weight[:, m, None, None] * o
-        return self._finish(out, x), new
+        sel, weight = self._select(x)
+        A = sel.shape[1]
+        rows = torch.arange(B, device=x.device)[:, None]
+        # Every memory's projections in one batched product (each weight is read once), then the selected.
+        proj = lambda w: torch.einsum("bd,mdn->bmn", x, w.to(x.dtype))[rows, sel] if w is not None else None
+        k, v = proj(self.w_k), proj(self.w_v)
+        a, b = proj(getattr(self, "w_a", None)), proj(getattr(self, "w_b", None))
+        q = self.q_proj(x)[:, None].expand(B, A, -1)
+        if self.convs is not None:
+            convolved = []
+            for i, (conv, t) in enumerate(zip(self.convs, (q, k, v))):
+                y, window = conv.step(t.flatten(0, 1), state[f"conv{i}"][rows, sel].flatten(0, 1))
+                state[f"conv{i}"][rows, sel] = window.view(B, A, *window.shape[1:])
+                convolved.append(y.view(B, A, -1))
+            q, k, v = convolved
+        g, beta = self._gates(a, b)
+        flat = lambda t: None if t is None else t.flatten(0, 1)
+        o, S = memory_step(q.reshape(B * A, H, K), k.reshape(B * A, H, K), v.reshape(B * A, H, V),
+                           state["S"][rows, sel].flatten(0, 1), g=flat(g), beta=flat(beta),
+                           delta=self.kind.delta, normalize_qk=self.kind.normalize_qk)
+        state["S"][rows, sel] = S.view(B, A, H, K, V).to(state["S"].dtype)
+        o = upcast(o).view(B, A, H, V)
+        if self.kind.skip:
+            o = o + self.D_skip[:, None] * upcast(v).view(B, A, H, V)
+        return self._finish((weight[:, :, None, None] * o).sum(1), x), state
 
     def state_size(self, seq_len: int) -> Dict[str, int]:
         per_memory = self.H * self.K * self.V
