@@ -275,12 +275,12 @@ def time_limit(seconds: int):
         signal.signal(signal.SIGALRM, old)
 
 
-def run_case(case: Case, rep: int, log, limit_s: int = 0) -> None:
+def run_case(case: Case, rep: int, log, limit_s: int = 0, profiles: Optional[List[str]] = None) -> None:
     ms: Dict[tuple, float] = {}
     for c in case.contenders:
         try:
             with time_limit(limit_s):
-                _run_contender(case, c, rep, ms)
+                _run_contender(case, c, rep, ms, profiles)
         except Exception as exc:  # noqa: BLE001 - one failing contender must not end the benchmark
             msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             case.rows = [r for r in case.rows if r["name"] != c.name]  # no half-measured contender
@@ -295,9 +295,26 @@ def run_case(case: Case, rep: int, log, limit_s: int = 0) -> None:
     _ratios(case, ms)
 
 
-def _run_contender(case: Case, c: Contender, rep: int, ms: Dict[tuple, float]) -> None:
+def profile(fn: Fn, iters: int = 3, top: int = 15) -> str:
+    """The GPU kernels that dominate fn, by total CUDA time (torch.profiler), as a table."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
+
+
+def _run_contender(case: Case, c: Contender, rep: int, ms: Dict[tuple, float], profiles=None) -> None:
     fns = c.build()
     for p, fn in fns.items():
+        if profiles is not None and c.name.startswith("ours"):
+            profiles.append(f"## {case.suite}: {case.name}, B{case.batch_size} x T{case.seq_len}: {c.name}, "
+                            f"{p}\n\n{profile(fn)}\n")
         ms[c.name, p] = time_ms(fn, rep)
         row = dict(suite=case.suite, case=case.name, name=c.name, batch_size=case.batch_size,
                    seq_len=case.seq_len, **{"pass": p}, ms=ms[c.name, p])
@@ -358,6 +375,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--rep", type=int, default=100, help="milliseconds of repetitions per timing (do_bench)")
     ap.add_argument("--quick", action="store_true", help="skip the longest shapes (B1 x T16384, 32K context)")
     ap.add_argument("--out", default="outputs/bench", help="folder for bench.md, bench.csv and the run record")
+    ap.add_argument("--profile", action="store_true",
+                    help="also write <out>/profile.txt: the kernels that dominate each of our contenders")
     ap.add_argument("--limit", type=int, default=300,
                     help="seconds after which one contender is given up (0: no limit)")
     args = ap.parse_args(argv)
@@ -377,10 +396,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     hw = hardware()
     cases = build_cases(suites, dtype, args.quick)
     start, out = time.time(), Path(args.out)
+    profiles: Optional[List[str]] = [] if args.profile else None
     for i, case in enumerate(cases, 1):
         print(f"[{i}/{len(cases)}] {case.suite}: {case.name}, B{case.batch_size} x T{case.seq_len}", flush=True)
-        run_case(case, args.rep, lambda s: print(s, flush=True), args.limit)
+        run_case(case, args.rep, lambda s: print(s, flush=True), args.limit, profiles)
         text = write(out, cases[:i], hw, command, time.time() - start, complete=i == len(cases))
+        if profiles:
+            (out / "profile.txt").write_text("\n".join(profiles))
     print(text)
     return 0
 
