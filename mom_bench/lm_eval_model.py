@@ -127,7 +127,7 @@ class MomBenchLM(TemplateLM):
                 inp[b, :len(tokens)] = torch.tensor(tokens)  # right padding: causal models never see it
             with self._autocast():
                 logits, _ = self.model(inp.to(self._device))
-            logprobs = F.log_softmax(logits.float(), -1).cpu()
+            logprobs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1).cpu()
             for b, (i, tokens, n) in enumerate(batch):
                 target = torch.tensor(requests[i][2][-n:])
                 lp = logprobs[b, len(tokens) - n:len(tokens)]
@@ -185,9 +185,14 @@ class MomBenchLM(TemplateLM):
         max_new = gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens", self.max_gen_toks))
         return [u for u in until if u], int(max_new)
 
-    @torch.no_grad()
     def greedy(self, prompts: List[List[int]], until: List[List[str]], max_new: List[int]) -> List[str]:
         """Greedy continuations of a batch of token prompts, cut before the first stop string."""
+        return self.greedy_tokens(prompts, until, max_new)[1]
+
+    @torch.no_grad()
+    def greedy_tokens(self, prompts: List[List[int]], until: List[List[str]],
+                      max_new: List[int]) -> Tuple[List[List[int]], List[str]]:
+        """The generated tokens of each prompt (up to the stop, EOS excluded) and their cut texts."""
         B = len(prompts)
         shared = min(len(p) for p in prompts)
         with self._autocast():
@@ -223,7 +228,7 @@ class MomBenchLM(TemplateLM):
             with self._autocast():
                 logits, state = self.model.step(torch.tensor(next_tokens, device=self._device), state)
             pos += 1
-        return [_cut(texts[b], until[b]) for b in range(B)]
+        return generated, [_cut(texts[b], until[b]) for b in range(B)]
 
 
 def _cut(text: str, until: List[str]) -> str:
