@@ -85,7 +85,7 @@ def _hydra_command(prog: str, argv: List[str], config_name: str, target: str) ->
         except ConfigError as exc:
             raise InvalidConfig(f"invalid config: {exc}") from None
         except CheckpointError as exc:
-            raise InvalidConfig(f"checkpoint: {exc}") from None
+            raise InvalidConfig(str(exc)) from None
 
     sys.argv = [prog] + argv
     app()

@@ -127,11 +127,12 @@ class MomBenchLM(TemplateLM):
                 inp[b, :len(tokens)] = torch.tensor(tokens)  # right padding: causal models never see it
             with self._autocast():
                 logits, _ = self.model(inp.to(self._device))
-            logprobs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1).cpu()
             for b, (i, tokens, n) in enumerate(batch):
-                target = torch.tensor(requests[i][2][-n:])
-                lp = logprobs[b, len(tokens) - n:len(tokens)]
-                answer = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+                # only the continuation's positions: the full (batch, length, vocab) log-softmax would be large
+                scored = logits[b, len(tokens) - n:len(tokens)]
+                lp = F.log_softmax(scored.to(torch.promote_types(scored.dtype, torch.float32)), -1)
+                target = torch.tensor(requests[i][2][-n:], device=lp.device)
+                answer = (lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
                 results[i] = answer
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
@@ -257,7 +258,9 @@ def _device(choice: Optional[str]) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(choice)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={choice} but CUDA is not available")
+        # lm-eval's CLI passes --device cuda:0 unless told otherwise; its hf backend falls back too
+        log.warning("device=%s but CUDA is not available: running on the CPU", choice)
+        return torch.device("cpu")
     return device
 
 
