@@ -204,9 +204,7 @@ class EvalConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16 | float16 | float64
     seed: int = 0
     results_dir: str = "outputs/eval"  # the record lands in <results_dir>/runs/
-    sweep_name: str = "eval"
     log_samples: bool = False  # keep every generation in <results_dir>/samples/<run_id>.json
-    progress: bool = True
 
 
 def validate_pretrain(cfg) -> None:

@@ -226,7 +226,7 @@ def test_eval_command_writes_a_record_the_report_draws(checkpoint, tmp_path):
 
     cfg = EvalConfig(checkpoint=str(checkpoint), tasks=["jrt_squad"], include_defaults=False, limit=2,
                      metadata={"recall_data": str(FIXTURE_DIR), "context_length": 200}, max_length=256,
-                     results_dir=str(tmp_path), device="cpu", progress=False)
+                     results_dir=str(tmp_path), device="cpu")
     record = evaluate(cfg)
     path = tmp_path / "runs" / f"{record['run_id']}.json"
     assert json.loads(path.read_text())["scores"] == record["scores"]

@@ -155,3 +155,23 @@ def test_torchrun_with_two_processes_equals_one_process_with_twice_the_batch(tmp
     # ...and a bad override exits with its message, without a traceback
     bad = run("-m", "mom_bench", "pretrain", "model.d_model=abc")
     assert bad.returncode != 0 and "model.d_model" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_hub_datasets_are_streamed_and_skipped_without_tokenizing(monkeypatch):
+    import datasets
+
+    from mom_bench.pretrain import iter_documents
+
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        return datasets.Dataset.from_list([{"body": f"doc {i}"} for i in range(5)]).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = PretrainDataConfig(dataset="org/corpus", dataset_config="sample", text_field="body")
+    assert list(iter_documents(data, skip=2)) == ["doc 2", "doc 3", "doc 4"]
+    assert calls == [("org/corpus", "sample", "train", True)]
+    data.text_field = "text"
+    with pytest.raises(KeyError, match="no column 'text'"):
+        next(iter_documents(data))
