@@ -375,6 +375,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--rep", type=int, default=100, help="milliseconds of repetitions per timing (do_bench)")
     ap.add_argument("--quick", action="store_true", help="skip the longest shapes (B1 x T16384, 32K context)")
     ap.add_argument("--out", default="outputs/bench", help="folder for bench.md, bench.csv and the run record")
+    ap.add_argument("--only", default="", help="comma-separated substrings: run only the contenders whose "
+                    "name contains one (ratios need the case's reference among them)")
     ap.add_argument("--profile", action="store_true",
                     help="also write <out>/profile.txt: the kernels that dominate each of our contenders")
     ap.add_argument("--limit", type=int, default=300,
@@ -395,6 +397,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = "python -m mom_bench bench " + " ".join(argv if argv is not None else sys.argv[1:])
     hw = hardware()
     cases = build_cases(suites, dtype, args.quick)
+    only = [s for s in args.only.split(",") if s]
+    for case in cases if only else []:
+        case.contenders = [c for c in case.contenders if any(s in c.name for s in only)]
     start, out = time.time(), Path(args.out)
     profiles: Optional[List[str]] = [] if args.profile else None
     for i, case in enumerate(cases, 1):
