@@ -1,6 +1,7 @@
 """The shared memory core of every mom_bench mixer.
 
-`memory_op` runs the chunked (parallel) form, `memory_step` one decoding step. Both take the switches of
+`memory_op` runs the chunked (parallel) form, `memory_step` one decoding step, `short_conv` the short
+convolution before the recurrence. Both take the switches of
 `reference` (decay g, beta, delta rule, q/k normalisation). Two backends compute the same function:
 the PyTorch references (`reference.py`) and the Triton kernels (`triton_chunk.py`). Models never pick
 one; the switch here does:
@@ -48,11 +49,19 @@ def memory_op(q, k, v, g=None, beta=None, delta=False, scale=None, initial_state
     return tc.chunk_memory(q, k, v, **kw) if tc else reference.chunked(q, k, v, **kw)
 
 
+def short_conv(x, weight, bias, pos):
+    """Causal depthwise convolution + SiLU over packed segments (see `reference.short_conv`)."""
+    if _triton(x) is None:
+        return reference.short_conv(x, weight, bias, pos)
+    from .triton_conv import short_conv as triton_short_conv
+    return triton_short_conv(x, weight, bias, pos)
+
+
 def memory_step(q, k, v, state, g=None, beta=None, delta=False, scale=None, normalize_qk=False):
     kw = dict(g=g, beta=beta, delta=delta, scale=scale, normalize_qk=normalize_qk)
     tc = _triton(q)
     return tc.step_memory(q, k, v, state, **kw) if tc else reference.step(q, k, v, state, **kw)
 
 
-__all__ = ["memory_op", "memory_step", "set_backend", "get_backend", "reference", "l2norm",
+__all__ = ["memory_op", "memory_step", "short_conv", "set_backend", "get_backend", "reference", "l2norm",
            "segment_positions"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
@@ -196,3 +197,14 @@ def chunked(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None, beta: O
         G_last = G[:, :, -1:]
         S = G_last.exp().transpose(-1, -2) * S + (kc * (G_last - G).exp()).transpose(-1, -2) @ u
     return o.transpose(1, 2).to(out_dtype), S
+
+
+def short_conv(x: Tensor, weight: Tensor, bias: Tensor, pos: Tensor) -> Tensor:
+    """Causal depthwise convolution then SiLU over packed segments: x (N, C), weight (C, W) with
+    weight[:, W-1] on the current token, bias (C,), pos (N,) each token's position in its segment."""
+    width = weight.shape[1]
+    out = x * weight[:, -1] + bias
+    for j in range(1, width):
+        shifted = F.pad(x, (0, 0, j, 0))[: x.shape[0]]  # x[t - j], zero where the tap leaves its segment
+        out = out + shifted * (pos >= j)[:, None].to(x.dtype) * weight[:, -1 - j]
+    return F.silu(out)

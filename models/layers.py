@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import short_conv
+
 Tensor = torch.Tensor
 
 
@@ -48,12 +50,7 @@ class ShortConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:
-        out = x * self.weight[:, -1] + self.bias
-        for j in range(1, self.width):
-            # x shifted down by j rows, zero where the tap crosses its segment's start
-            shifted = F.pad(x, (0, 0, j, 0))[: x.shape[0]]
-            out = out + shifted * (pos >= j)[:, None].to(x.dtype) * self.weight[:, -1 - j]
-        return F.silu(out)
+        return short_conv(x, self.weight, self.bias, pos)
 
     def tail(self, x: Tensor, cu_seqlens: Tensor) -> Tensor:
         """The decoding state after packed segments: each segment's last (width - 1) inputs, oldest first,

@@ -1,0 +1,123 @@
+"""Triton kernels for the short causal convolution (depthwise, then SiLU) over packed segments; the
+reference is `reference.short_conv`.
+
+Tokens come packed as x (N, C) with `pos` (N,), each token's position inside its segment; a tap that
+would reach back past the start of the segment reads zero, so segments never see each other. With taps
+w (C, W), w[:, W-1] applied to the current token:
+
+    y[t] = silu(b + sum_{j < W} w[:, W-1-j] * x[t-j] * [pos[t] >= j])
+
+The reference is a few shifted products. On a GPU that is about twenty full passes over (N, C) per
+convolution, forward and backward, plus a reduction per tap, and the MoM layer convolves three such
+tensors (q, k, v over every routed copy of every token). The kernels read x once forward; backward is
+two passes: the gradient before the SiLU with per-block partial sums for w and b, then dx.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def _pre(x, w, b, pos_r, rows, cols, N, C, W: tl.constexpr):
+    """The convolution before the SiLU for a (rows, cols) tile, in fp32."""
+    cmask = cols < C
+    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
+    acc += tl.load(b + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    for j in tl.static_range(W):
+        src = rows - j
+        ok = (rows < N) & (src >= 0) & (pos_r >= j)
+        xt = tl.load(x + src[:, None] * C + cols[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+        wj = tl.load(w + cols * W + (W - 1 - j), mask=cmask, other=0.0).to(tl.float32)
+        acc += xt.to(tl.float32) * wj[None, :]
+    return acc
+
+
+@triton.jit
+def _fwd_kernel(x, w, b, pos, y, N, C, W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    pos_r = tl.load(pos + rows, mask=rows < N, other=0)
+    pre = _pre(x, w, b, pos_r, rows, cols, N, C, W)
+    out = pre * tl.sigmoid(pre)
+    tl.store(y + rows[:, None] * C + cols[None, :], out.to(y.dtype.element_ty),
+             mask=(rows < N)[:, None] & (cols < C)[None, :])
+
+
+@triton.jit
+def _dpre_kernel(x, w, b, pos, dy, dpre, dw_part, db_part, N, C, W: tl.constexpr, BN: tl.constexpr,
+                 BC: tl.constexpr):
+    """dpre = dy * silu'(pre), and this row block's share of dw and db (summed over blocks on the host)."""
+    i_n = tl.program_id(0)
+    rows = i_n * BN + tl.arange(0, BN)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    rmask, cmask = rows < N, cols < C
+    pos_r = tl.load(pos + rows, mask=rmask, other=0)
+    pre = _pre(x, w, b, pos_r, rows, cols, N, C, W)
+    sig = tl.sigmoid(pre)
+    g = tl.load(dy + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+    d = g.to(tl.float32) * sig * (1 + pre * (1 - sig))
+    tl.store(dpre + rows[:, None] * C + cols[None, :], d, mask=rmask[:, None] & cmask[None, :])
+    tl.store(db_part + i_n * C + cols, tl.sum(d, 0), mask=cmask)
+    for j in tl.static_range(W):
+        src = rows - j
+        ok = rmask & (src >= 0) & (pos_r >= j)
+        xt = tl.load(x + src[:, None] * C + cols[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+        tl.store(dw_part + (i_n * C + cols) * W + (W - 1 - j), tl.sum(d * xt.to(tl.float32), 0), mask=cmask)
+
+
+@triton.jit
+def _dx_kernel(w, pos, dpre, dx, N, C, W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    """dx[t] = sum_j w[:, W-1-j] * dpre[t+j] * [pos[t+j] >= j]: the taps that read x[t]."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    cmask = cols < C
+    acc = tl.zeros((BN, BC), dtype=tl.float32)
+    for j in tl.static_range(W):
+        dst = rows + j
+        ok = (rows < N) & (dst < N)
+        ok = ok & (tl.load(pos + dst, mask=ok, other=0) >= j)
+        d = tl.load(dpre + dst[:, None] * C + cols[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+        acc += d * tl.load(w + cols * W + (W - 1 - j), mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(dx + rows[:, None] * C + cols[None, :], acc.to(dx.dtype.element_ty),
+             mask=(rows < N)[:, None] & cmask[None, :])
+
+
+def _grid(N: int, C: int):
+    BN, BC = 64, min(128, triton.next_power_of_2(max(C, 16)))
+    return BN, BC, (triton.cdiv(N, BN), triton.cdiv(C, BC))
+
+
+class ShortConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, pos):
+        x, weight, bias, pos = x.contiguous(), weight.contiguous(), bias.contiguous(), pos.contiguous()
+        N, C = x.shape
+        y = torch.empty_like(x)
+        BN, BC, grid = _grid(N, C)
+        if N:
+            _fwd_kernel[grid](x, weight, bias, pos, y, N, C, weight.shape[1], BN, BC)
+        ctx.save_for_backward(x, weight, bias, pos)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, pos = ctx.saved_tensors
+        N, C = x.shape
+        W = weight.shape[1]
+        BN, BC, grid = _grid(N, C)
+        dpre = torch.empty(N, C, device=x.device, dtype=torch.float32)
+        dw_part = torch.zeros(grid[0], C, W, device=x.device, dtype=torch.float32)
+        db_part = torch.zeros(grid[0], C, device=x.device, dtype=torch.float32)
+        dx = torch.empty_like(x)
+        if N:
+            _dpre_kernel[grid](x, weight, bias, pos, dy.contiguous(), dpre, dw_part, db_part, N, C, W, BN, BC)
+            _dx_kernel[grid](weight, pos, dpre, dx, N, C, W, BN, BC)
+        return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype), None
+
+
+def short_conv(x: Tensor, weight: Tensor, bias: Tensor, pos: Tensor) -> Tensor:
+    return ShortConvFunction.apply(x, weight, bias, pos)

@@ -1,0 +1,52 @@
+"""The short-convolution kernels against `reference.short_conv`: output and the gradients of x, the
+taps and the bias, over packed segments of every awkward length (0, 1, shorter than the window, spanning
+row blocks). On the CPU the kernels run in Triton's interpreter, in fp32."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from mom_bench.kernels import reference, segment_positions  # noqa: E402
+from mom_bench.kernels.triton_conv import short_conv  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run(fn, x, w, b, pos, dy):
+    x, w, b = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+    y = fn(x, w, b, pos)
+    y.backward(dy)
+    return y, x.grad, w.grad, b.grad
+
+
+def check(lengths, C, W, dtype=torch.float32, tol=1e-5):
+    torch.manual_seed(sum(lengths) + C)
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0)
+    _, pos = segment_positions(cu)
+    N = int(cu[-1])
+    x = torch.randn(N, C, device=DEVICE, dtype=dtype)
+    w = torch.randn(C, W, device=DEVICE) / W ** 0.5
+    b = torch.randn(C, device=DEVICE)
+    dy = torch.randn(N, C, device=DEVICE, dtype=dtype)
+    ref = run(reference.short_conv, x.double(), w.double(), b.double(), pos, dy.double())
+    got = run(short_conv, x, w, b, pos, dy)
+    for name, r, g in zip(("y", "dx", "dw", "db"), ref, got):
+        assert g.dtype == (dtype if name in ("y", "dx") else torch.float32)
+        torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("lengths", [[5, 0, 1, 3, 70, 2], [130], [0, 0]])
+@pytest.mark.parametrize("C,W", [(20, 4), (8, 2)])
+def test_short_conv_matches_reference(lengths, C, W):
+    check(lengths, C, W)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_gpu_short_conv(dtype, tol):
+    check([1000, 0, 1, 3, 4096, 63, 64], 1024, 4, dtype, tol)
