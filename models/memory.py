@@ -227,25 +227,26 @@ class MemoryMixer(nn.Module):
         H, K, V = self.H, self.K, self.V
         sel, weight = self._select(x)
         A = sel.shape[1]
-        rows = torch.arange(B, device=x.device)[:, None]
+        flat = (torch.arange(B, device=x.device)[:, None] * self.M + sel).flatten()  # rows of (B * M, ...)
+        read = lambda t: t.flatten(0, 1).index_select(0, flat)  # (B, M, ...) -> the selected (B * A, ...)
+        write = lambda t, new: t.view(-1, *t.shape[2:]).index_copy_(0, flat, new.to(t.dtype))  # in place
         # Every memory's projections in one batched product (each weight is read once), then the selected.
-        proj = lambda w: torch.einsum("bd,mdn->bmn", x, w.to(x.dtype))[rows, sel] if w is not None else None
+        proj = lambda w: read(torch.einsum("bd,mdn->bmn", x, w.to(x.dtype))) if w is not None else None
         k, v = proj(self.w_k), proj(self.w_v)
         a, b = proj(getattr(self, "w_a", None)), proj(getattr(self, "w_b", None))
-        q = self.q_proj(x)[:, None].expand(B, A, -1)
+        q = self.q_proj(x).repeat_interleave(A, 0)
         if self.convs is not None:
             convolved = []
             for i, (conv, t) in enumerate(zip(self.convs, (q, k, v))):
-                y, window = conv.step(t.flatten(0, 1), state[f"conv{i}"][rows, sel].flatten(0, 1))
-                state[f"conv{i}"][rows, sel] = window.view(B, A, *window.shape[1:])
-                convolved.append(y.view(B, A, -1))
+                y, window = conv.step(t, read(state[f"conv{i}"]))
+                write(state[f"conv{i}"], window)
+                convolved.append(y)
             q, k, v = convolved
         g, beta = self._gates(a, b)
-        flat = lambda t: None if t is None else t.flatten(0, 1)
-        o, S = memory_step(q.reshape(B * A, H, K), k.reshape(B * A, H, K), v.reshape(B * A, H, V),
-                           state["S"][rows, sel].flatten(0, 1), g=flat(g), beta=flat(beta),
-                           delta=self.kind.delta, normalize_qk=self.kind.normalize_qk)
-        state["S"][rows, sel] = S.view(B, A, H, K, V).to(state["S"].dtype)
+        o, S = memory_step(q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V)),
+                           read(state["S"]), g=g, beta=beta, delta=self.kind.delta,
+                           normalize_qk=self.kind.normalize_qk)
+        write(state["S"], S)
         o = upcast(o).view(B, A, H, V)
         if self.kind.skip:
             o = o + self.D_skip[:, None] * upcast(v).view(B, A, H, V)

@@ -179,12 +179,12 @@ def decode_case(contexts, dtype) -> Case:
         q, k, v = (torch.randn(B * active, H, K, device="cuda", dtype=dtype) for _ in range(3))
         g = -torch.rand(B * active, H, device="cuda")
         beta = torch.rand(B * active, H, device="cuda", dtype=dtype)
-        rows = torch.arange(B, device="cuda")[:, None]
+        flat = (torch.arange(B, device="cuda")[:, None] * M + idx).flatten()
 
-        def step():
-            s = S[rows, idx].flatten(0, 1)  # gather the three memories of every sequence
-            o, s = memory_step(q, k, v, s, g=g, beta=beta, delta=True, normalize_qk=True)
-            S[rows, idx] = s.view(B, active, H, K, K)  # and write them back
+        def step():  # as MemoryMixer.step: gather the selected memories, one step, write them back
+            o, s = memory_step(q, k, v, S.view(B * M, H, K, K).index_select(0, flat), g=g, beta=beta, delta=True,
+                               normalize_qk=True)
+            S.view(B * M, H, K, K).index_copy_(0, flat, s)
             return o
 
         return {"step": step}
