@@ -36,7 +36,9 @@ fp32 operands (three-pass tf32 for fp32 inputs, tf32 otherwise), so no dot accum
 16 bits and transposed into another dot (the Hopper miscompile of ../shared/reference/gpu.md).
 
 The per-channel pairwise terms sum_k a_tk b_sk e^{G_tk - G_sk} do not factor into one matrix product
-without risking overflow, so they are formed one key column at a time (exact, O(BT^2 K) elementwise).
+without risking overflow. In sub-chunks of BC = 16 they do: pairs across sub-chunks are products through
+the first row of the later sub-chunk (both factors <= 1), pairs inside one are formed one column of each
+sub-chunk at a time, exact (`_pair_channel`).
 """
 from __future__ import annotations
 
@@ -171,18 +173,57 @@ def _decay_cols(gc, offs, valid, t_last, i_h, col0, H: tl.constexpr, K: tl.const
 
 
 @triton.jit
-def _pair_channel(a, b, G, BT: tl.constexpr, STRICT: tl.constexpr):
-    """P[t, s] = sum_k a_tk b_sk e^{G_tk - G_sk} for s < t (STRICT) or s <= t, else 0: one key column s
-    at a time, exact (the exponent is masked to s <= t before exp, so it never overflows)."""
+def _load_qk_rows(x, rn, offs, valid, i_h, col0, mult, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                  WHICH: tl.constexpr, NORM: tl.constexpr):
+    """Rows `offs` (any tokens) of q (WHICH 0) or k (WHICH 1), columns col0 + [0, BK), normalised (NORM)
+    and times `mult`."""
+    f = _row_factor(rn, offs, valid, i_h, H, WHICH, NORM) * mult
+    return _load_tile(x + i_h * K, offs, valid, col0, H * K, K, BK) * f[:, None]
+
+
+@triton.jit
+def _sub_reference(G, i, rows, BC: tl.constexpr):
+    """For sub-chunk i > 0 with first row r = i BC: the rows t of sub-chunk i and the rows s < r, with
+    e^{G_t - G_r} on the first and e^{G_r - G_s} on the second (zero elsewhere). G falls along the chunk,
+    so both are <= 1: their product is e^{G_t - G_s} for every s < r <= t without any overflow."""
+    r = i * BC
+    G_r = tl.sum(tl.where((rows == r)[:, None], G, 0.), 0)
+    in_i = ((rows // BC) == i)[:, None]
+    before = (rows < r)[:, None]
+    e_t = tl.where(in_i, tl.exp(tl.where(in_i, G - G_r[None, :], 0.)), 0.)
+    e_s = tl.where(before, tl.exp(tl.where(before, G_r[None, :] - G, 0.)), 0.)
+    return e_t, e_s
+
+
+@triton.jit
+def _pair_channel(a, b, G, bx, gc, rn, offs, t_last, i_h, col0, b_mult, H: tl.constexpr, K: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, B_WHICH: tl.constexpr,
+                  NORM: tl.constexpr, STRICT: tl.constexpr, PREC: tl.constexpr):
+    """P[t, s] = sum_k a_tk b_sk e^{G_tk - G_sk} for s < t (STRICT) or s <= t, else 0, for one K block.
+
+    No single product factors it without overflow; in sub-chunks of BC rows it does: between different
+    sub-chunks through the first row of the later one (`_sub_reference`, one product each), and inside a
+    sub-chunk one column of every sub-chunk at a time, exact (the exponent is masked to s <= t before
+    exp), with the partner rows b_s, G_s read from memory (bx: the raw q or k that b is, b_mult its scale,
+    rn the norms, gc the cumulative decay). O(BT BC K) elementwise instead of O(BT^2 K)."""
     rows = tl.arange(0, BT)
     P = tl.zeros([BT, BT], dtype=tl.float32)
-    for j in range(BT):
-        sel = rows == j
-        b_j = tl.sum(tl.where(sel[:, None], b, 0.), 0)
-        G_j = tl.sum(tl.where(sel[:, None], G, 0.), 0)
-        E = tl.exp(tl.where(rows[:, None] >= j, G - G_j[None, :], 0.))
-        col = tl.sum(a * b_j[None, :] * E, 1)
-        P = tl.where(rows[None, :] == j, col[:, None], P)
+    for i in tl.static_range(1, BT // BC):
+        e_t, e_s = _sub_reference(G, i, rows, BC)
+        P += tl.dot(a * e_t, tl.trans(b * e_s), input_precision=PREC)
+    in_sub = rows % BC
+    for j in range(BC):
+        s_idx = rows - in_sub + j  # column j of the row's own sub-chunk
+        s_offs = offs - in_sub + j
+        s_valid = s_offs <= t_last
+        if STRICT:
+            cond = rows > s_idx
+        else:
+            cond = rows >= s_idx
+        b_s = _load_qk_rows(bx, rn, s_offs, s_valid, i_h, col0, b_mult, H, K, BK, B_WHICH, NORM)
+        G_s, G_last = _decay_cols(gc, s_offs, s_valid, t_last, i_h, col0, H, K, BK)
+        col = tl.sum(a * b_s * tl.exp(tl.where(cond[:, None], G - G_s, 0.)), 1)
+        P = tl.where((rows[None, :] == s_idx[:, None]) & cond[:, None], col[:, None], P)
     if STRICT:
         mask = rows[:, None] > rows[None, :]
     else:
@@ -191,20 +232,33 @@ def _pair_channel(a, b, G, BT: tl.constexpr, STRICT: tl.constexpr):
 
 
 @triton.jit
-def _pair_channel_bwd(dP, a, b, G, BT: tl.constexpr, BK: tl.constexpr):
-    """Gradients wrt a and b of sum(dP * _pair_channel(a, b, G)), dP already masked. The gradient wrt G
-    is a da - b db (each G_tk multiplies a_tk and divides b_tk)."""
+def _pair_channel_bwd(dP, a, b, G, ax, bx, gc, rn, offs, t_last, i_h, col0, a_mult, b_mult,
+                      H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
+                      A_WHICH: tl.constexpr, B_WHICH: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr):
+    """Gradients wrt a and b of sum(dP * _pair_channel(a, b, G)), dP already masked to the pair's
+    triangle, in the same sub-chunks (ax, a_mult: what a is, as bx, b_mult for b). The gradient wrt G is
+    a da - b db (each G_tk multiplies a_tk and divides b_tk)."""
     rows = tl.arange(0, BT)
     da = tl.zeros([BT, BK], dtype=tl.float32)
     db = tl.zeros([BT, BK], dtype=tl.float32)
-    for j in range(BT):
-        sel = rows == j
-        b_j = tl.sum(tl.where(sel[:, None], b, 0.), 0)
-        G_j = tl.sum(tl.where(sel[:, None], G, 0.), 0)
-        E = tl.exp(tl.where(rows[:, None] >= j, G - G_j[None, :], 0.))
-        X = tl.sum(tl.where(rows[None, :] == j, dP, 0.), 1)[:, None] * E  # dP[t, j] e^{G_t - G_j}
-        da += X * b_j[None, :]
-        db += tl.where(sel[:, None], tl.sum(X * a, 0)[None, :], 0.)
+    for i in tl.static_range(1, BT // BC):
+        e_t, e_s = _sub_reference(G, i, rows, BC)
+        da += e_t * tl.dot(dP, b * e_s, input_precision=PREC)
+        db += e_s * tl.dot(tl.trans(dP), a * e_t, input_precision=PREC)
+    in_sub = rows % BC
+    for j in range(BC):
+        p_idx = rows - in_sub + j  # row j of the row's own sub-chunk: s for da, t for db
+        p_offs = offs - in_sub + j
+        p_valid = p_offs <= t_last
+        G_p, G_last = _decay_cols(gc, p_offs, p_valid, t_last, i_h, col0, H, K, BK)
+        # da_t += dP[t, s] e^{G_t - G_s} b_s for s = p(t) <= t
+        x = tl.sum(tl.where(rows[None, :] == p_idx[:, None], dP, 0.), 1)
+        b_p = _load_qk_rows(bx, rn, p_offs, p_valid, i_h, col0, b_mult, H, K, BK, B_WHICH, NORM)
+        da += x[:, None] * tl.exp(tl.where((rows >= p_idx)[:, None], G - G_p, 0.)) * b_p
+        # db_s += dP[t, s] e^{G_t - G_s} a_t for t = p(s) >= s
+        y = tl.sum(tl.where(rows[:, None] == p_idx[None, :], dP, 0.), 0)
+        a_p = _load_qk_rows(ax, rn, p_offs, p_valid, i_h, col0, a_mult, H, K, BK, A_WHICH, NORM)
+        db += y[:, None] * tl.exp(tl.where((p_idx >= rows)[:, None], G_p - G, 0.)) * a_p
     return da, db
 
 
@@ -231,7 +285,7 @@ def _unit_lower_inverse(L, BT: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def _prep_kernel(q, k, v, g, beta, gc, rn, Mqk, Mkk, Ai, w, u, cu, cidx, scale,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, DECAY: tl.constexpr,
+                 BV: tl.constexpr, BC: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, DECAY: tl.constexpr,
                  HAS_BETA: tl.constexpr, DELTA: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr):
     """Per chunk: row norms, G, M = pair(q, k) and for the delta rule pair_strict(k, k), A, W, U; the
     products over K are summed over K blocks."""
@@ -258,19 +312,25 @@ def _prep_kernel(q, k, v, g, beta, gc, rn, Mqk, Mkk, Ai, w, u, cu, cidx, scale,
     if DECAY == 1:
         G = tl.cumsum(tl.load(g + offs * H + i_h, mask=valid, other=0.).to(tl.float32), 0)
         tl.store(gc + offs * H + i_h, G, mask=valid)
+    if DECAY == 2:
+        for i_k in range(NK):
+            Gb = tl.cumsum(_load_tile(g + i_h * K, offs, valid, i_k * BK, H * K, K, BK), 0)
+            _store_tile(gc + i_h * K, Gb, offs, valid, i_k * BK, H * K, K, BK)
+        tl.debug_barrier()  # the pairs read partner rows of gc and rn that other threads stored
     Mq = tl.zeros([BT, BT], dtype=tl.float32)
     Mk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(NK):
         qb = _load_tile(q + i_h * K, offs, valid, i_k * BK, H * K, K, BK)
         kb = _load_tile(k + i_h * K, offs, valid, i_k * BK, H * K, K, BK)
         if DECAY == 2:
-            Gb = tl.cumsum(_load_tile(g + i_h * K, offs, valid, i_k * BK, H * K, K, BK), 0)
-            _store_tile(gc + i_h * K, Gb, offs, valid, i_k * BK, H * K, K, BK)
+            Gb, Gb_last = _decay_cols(gc, offs, valid, t_last, i_h, i_k * BK, H, K, BK)
             qb = qb * fq[:, None]
             kb = kb * fk[:, None]
-            Mq += _pair_channel(qb, kb, Gb, BT, False)
+            Mq += _pair_channel(qb, kb, Gb, k, gc, rn, offs, t_last, i_h, i_k * BK, 1.0, H, K, BT, BK, BC, 1,
+                                NORM, False, PREC)
             if DELTA:
-                Mk += _pair_channel(kb, kb, Gb, BT, True)
+                Mk += _pair_channel(kb, kb, Gb, k, gc, rn, offs, t_last, i_h, i_k * BK, 1.0, H, K, BT, BK, BC,
+                                    1, NORM, True, PREC)
         else:
             Mq += tl.dot(qb, tl.trans(kb), input_precision=PREC)
             if DELTA:
@@ -295,8 +355,9 @@ def _prep_kernel(q, k, v, g, beta, gc, rn, Mqk, Mkk, Ai, w, u, cu, cidx, scale,
             kb = _load_tile(k + i_h * K, offs, valid, i_k * BK, H * K, K, BK) * (fk * b)[:, None]
             if DECAY == 1:
                 kb = kb * tl.exp(G)[:, None]
-            if DECAY == 2:  # cheaper to redo the cumsum than to order a reload of gc behind its store
-                kb = kb * tl.exp(tl.cumsum(_load_tile(g + i_h * K, offs, valid, i_k * BK, H * K, K, BK), 0))
+            if DECAY == 2:
+                Gb, Gb_last = _decay_cols(gc, offs, valid, t_last, i_h, i_k * BK, H, K, BK)
+                kb = kb * tl.exp(Gb)
             _store_tile(w + i_h * K, tl.dot(A, kb, input_precision=PREC), offs, valid, i_k * BK, H * K, K, BK)
         for i_v in range(NV):
             vb = _load_tile(v + i_h * V, offs, valid, i_v * BV, H * V, V, BV) * b[:, None]
@@ -304,51 +365,105 @@ def _prep_kernel(q, k, v, g, beta, gc, rn, Mqk, Mkk, Ai, w, u, cu, cidx, scale,
 
 
 @triton.jit
+def _state_init(ptr, base, row0, col0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                HAS: tl.constexpr):
+    if HAS:
+        x = _load_state(ptr, base, row0, col0, K, V, BK, BV).to(tl.float32)
+    else:
+        x = tl.zeros([BK, BV], dtype=tl.float32)
+    return x
+
+
+@triton.jit
+def _h_step(h, k, gc, f, offs, valid, t_last, i_h, col0, b_vn, eG, H: tl.constexpr, K: tl.constexpr,
+            BK: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+    """One K block of h <- e^{G_last} h + (k e^{G_last - G})^T v_new. For DECAY < 2 the row factors are
+    already on b_vn and eG = e^{G_last}; per channel, f (the k norms) and the decay go on the k block."""
+    kk = _load_tile(k + i_h * K, offs, valid, col0, H * K, K, BK)
+    if DECAY == 2:
+        G, G_last = _decay_cols(gc, offs, valid, t_last, i_h, col0, H, K, BK)
+        kk = kk * (f[:, None] * tl.exp(G_last[None, :] - G))
+        h = h * tl.exp(G_last)[:, None]
+    if DECAY == 1:
+        h = h * eG
+    return h + tl.dot(tl.trans(kk), b_vn, input_precision=PREC)
+
+
+@triton.jit
 def _h_fwd_kernel(k, v, beta, gc, rn, w, u, h0, hs, vn, ht, cu, coff,
-                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr,
-                  BV: tl.constexpr, DECAY: tl.constexpr, HAS_BETA: tl.constexpr, DELTA: tl.constexpr,
-                  NORM: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
-    """The sequential pass: per (segment, head, V block), the state at every chunk start and v_new. The
-    state block holds every key row (KP >= K): W h sums over all of them."""
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  NK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, HAS_BETA: tl.constexpr,
+                  DELTA: tl.constexpr, NORM: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
+    """The sequential pass: per (segment, head, V block), the state at every chunk start and v_new.
+
+    W h sums over every key row, so one program holds all of them, as NK <= 4 separate (BK, BV) tiles:
+    each product then has a (BK, BT) operand that fits in registers (one (K, BT) operand spills at K=256)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
     c0 = tl.load(coff + i_n).to(tl.int64)
-    if HAS_H0:
-        h = _load_state(h0, i_nh.to(tl.int64) * (K * V), 0, i_v * BV, K, V, KP, BV).to(tl.float32)
-    else:
-        h = tl.zeros([KP, BV], dtype=tl.float32)
+    v0 = i_v * BV
+    base = i_nh.to(tl.int64) * (K * V)
+    h1 = _state_init(h0, base, 0, v0, K, V, BK, BV, HAS_H0)
+    if NK > 1:
+        h2 = _state_init(h0, base, BK, v0, K, V, BK, BV, HAS_H0)
+    if NK > 2:
+        h3 = _state_init(h0, base, 2 * BK, v0, K, V, BK, BV, HAS_H0)
+    if NK > 3:
+        h4 = _state_init(h0, base, 3 * BK, v0, K, V, BK, BV, HAS_H0)
     for i_c in range(0, tl.cdiv(eos - bos, BT)):
         t0 = bos + i_c * BT
         offs = t0 + tl.arange(0, BT)
         valid = offs < eos
         t_last = tl.minimum(t0 + BT, eos) - 1
-        _store_state(hs, h, ((c0 + i_c) * H + i_h) * (K * V), 0, i_v * BV, K, V, KP, BV)
+        hb = ((c0 + i_c) * H + i_h) * (K * V)
+        _store_state(hs, h1, hb, 0, v0, K, V, BK, BV)
+        if NK > 1:
+            _store_state(hs, h2, hb, BK, v0, K, V, BK, BV)
+        if NK > 2:
+            _store_state(hs, h3, hb, 2 * BK, v0, K, V, BK, BV)
+        if NK > 3:
+            _store_state(hs, h4, hb, 3 * BK, v0, K, V, BK, BV)
         if DELTA:
-            ww = _load_tile(w + i_h * K, offs, valid, 0, H * K, K, KP)
-            b_vn = _load_tile(u + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
-            b_vn -= tl.dot(ww, h, input_precision=PREC)
-            _store_tile(vn + i_h * V, b_vn, offs, valid, i_v * BV, H * V, V, BV)
+            b_vn = _load_tile(u + i_h * V, offs, valid, v0, H * V, V, BV)
+            b_vn -= tl.dot(_load_tile(w + i_h * K, offs, valid, 0, H * K, K, BK), h1, input_precision=PREC)
+            if NK > 1:
+                b_vn -= tl.dot(_load_tile(w + i_h * K, offs, valid, BK, H * K, K, BK), h2, input_precision=PREC)
+            if NK > 2:
+                b_vn -= tl.dot(_load_tile(w + i_h * K, offs, valid, 2 * BK, H * K, K, BK), h3,
+                               input_precision=PREC)
+            if NK > 3:
+                b_vn -= tl.dot(_load_tile(w + i_h * K, offs, valid, 3 * BK, H * K, K, BK), h4,
+                               input_precision=PREC)
+            _store_tile(vn + i_h * V, b_vn, offs, valid, v0, H * V, V, BV)
         else:
-            b_vn = _load_tile(v + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
+            b_vn = _load_tile(v + i_h * V, offs, valid, v0, H * V, V, BV)
             if HAS_BETA:
                 b_vn = b_vn * _load_beta(beta, offs, valid, H, i_h, HAS_BETA)[:, None]
-        kk = _load_tile(k + i_h * K, offs, valid, 0, H * K, K, KP)
         f = _row_factor(rn, offs, valid, i_h, H, 1, NORM)
-        if DECAY == 2:
-            G, G_last = _decay_cols(gc, offs, valid, t_last, i_h, 0, H, K, KP)
-            kk = kk * (f[:, None] * tl.exp(G_last[None, :] - G))
-            h = h * tl.exp(G_last)[:, None]
-        else:
-            # Row factors (norm, e^{G_last - G}) go on the (BT, BV) side of the product.
+        eG = 1.
+        if DECAY < 2:
+            # Row factors (norm, e^{G_last - G}) go on the (BT, BV) side of the products.
             if DECAY == 1:
                 G, G_last = _decay_rows(gc, offs, valid, t_last, i_h, H)
                 f = f * tl.exp(G_last - G)
-                h = h * tl.exp(G_last)
+                eG = tl.exp(G_last)
             b_vn = b_vn * f[:, None]
-        h += tl.dot(tl.trans(kk), b_vn, input_precision=PREC)
-    _store_state(ht, h, i_nh.to(tl.int64) * (K * V), 0, i_v * BV, K, V, KP, BV)
+        h1 = _h_step(h1, k, gc, f, offs, valid, t_last, i_h, 0, b_vn, eG, H, K, BK, DECAY, PREC)
+        if NK > 1:
+            h2 = _h_step(h2, k, gc, f, offs, valid, t_last, i_h, BK, b_vn, eG, H, K, BK, DECAY, PREC)
+        if NK > 2:
+            h3 = _h_step(h3, k, gc, f, offs, valid, t_last, i_h, 2 * BK, b_vn, eG, H, K, BK, DECAY, PREC)
+        if NK > 3:
+            h4 = _h_step(h4, k, gc, f, offs, valid, t_last, i_h, 3 * BK, b_vn, eG, H, K, BK, DECAY, PREC)
+    _store_state(ht, h1, base, 0, v0, K, V, BK, BV)
+    if NK > 1:
+        _store_state(ht, h2, base, BK, v0, K, V, BK, BV)
+    if NK > 2:
+        _store_state(ht, h3, base, 2 * BK, v0, K, V, BK, BV)
+    if NK > 3:
+        _store_state(ht, h4, base, 3 * BK, v0, K, V, BK, BV)
 
 
 @triton.jit
@@ -387,20 +502,56 @@ def _o_fwd_kernel(q, v, beta, gc, rn, Mqk, hs, vn, o, cu, cidx, scale,
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _k_dh(dh, k, gc, fk, offs, valid, t_last, i_h, col0, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+          DECAY: tl.constexpr, PREC: tl.constexpr):
+    """One K block of (k e^{G_last - G}) dh; for DECAY < 2 without the row factors (applied on the sum)."""
+    kk = _load_tile(k + i_h * K, offs, valid, col0, H * K, K, BK)
+    if DECAY == 2:
+        G, G_last = _decay_cols(gc, offs, valid, t_last, i_h, col0, H, K, BK)
+        kk = kk * (fk[:, None] * tl.exp(G_last[None, :] - G))
+    return tl.dot(kk, dh, input_precision=PREC)
+
+
+@triton.jit
+def _dh_step(dh, q, w, gc, fq, offs, valid, t_last, i_h, col0, b_do, b_dvn, eG, H: tl.constexpr,
+             K: tl.constexpr, BK: tl.constexpr, DECAY: tl.constexpr, DELTA: tl.constexpr, PREC: tl.constexpr):
+    """One K block of dh <- e^{G_last} dh + (q e^G)^T do - W^T dv_new (for DECAY < 2 the row factors of
+    q are already on b_do)."""
+    qq = _load_tile(q + i_h * K, offs, valid, col0, H * K, K, BK)
+    if DECAY == 2:
+        G, G_last = _decay_cols(gc, offs, valid, t_last, i_h, col0, H, K, BK)
+        qq = qq * (fq[:, None] * tl.exp(G))
+        dh = dh * tl.exp(G_last)[:, None]
+    if DECAY == 1:
+        dh = dh * eG
+    dh += tl.dot(tl.trans(qq), b_do, input_precision=PREC)
+    if DELTA:
+        dh -= tl.dot(tl.trans(_load_tile(w + i_h * K, offs, valid, col0, H * K, K, BK)), b_dvn,
+                     input_precision=PREC)
+    return dh
+
+
+@triton.jit
 def _dh_bwd_kernel(q, k, gc, rn, Mqk, w, do, dht, dhs, dvn, dh0, cu, coff, scale,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr,
-                   BV: tl.constexpr, DECAY: tl.constexpr, DELTA: tl.constexpr, NORM: tl.constexpr,
-                   HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
-    """The reverse pass: per chunk, the gradient wrt the state at its end (dhs) and wrt v_new (dvn)."""
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   NK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, DELTA: tl.constexpr,
+                   NORM: tl.constexpr, HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
+    """The reverse pass: per chunk, the gradient wrt the state at its end (dhs) and wrt v_new (dvn); the
+    state gradient held as NK <= 4 (BK, BV) tiles as in the forward pass."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
     c0 = tl.load(coff + i_n).to(tl.int64)
-    if HAS_DHT:
-        dh = _load_state(dht, i_nh.to(tl.int64) * (K * V), 0, i_v * BV, K, V, KP, BV).to(tl.float32)
-    else:
-        dh = tl.zeros([KP, BV], dtype=tl.float32)
+    v0 = i_v * BV
+    base = i_nh.to(tl.int64) * (K * V)
+    dh1 = _state_init(dht, base, 0, v0, K, V, BK, BV, HAS_DHT)
+    if NK > 1:
+        dh2 = _state_init(dht, base, BK, v0, K, V, BK, BV, HAS_DHT)
+    if NK > 2:
+        dh3 = _state_init(dht, base, 2 * BK, v0, K, V, BK, BV, HAS_DHT)
+    if NK > 3:
+        dh4 = _state_init(dht, base, 3 * BK, v0, K, V, BK, BV, HAS_DHT)
     NT = tl.cdiv(eos - bos, BT)
     for i in range(0, NT):
         i_c = NT - 1 - i
@@ -408,35 +559,57 @@ def _dh_bwd_kernel(q, k, gc, rn, Mqk, w, do, dht, dhs, dvn, dh0, cu, coff, scale
         offs = t0 + tl.arange(0, BT)
         valid = offs < eos
         t_last = tl.minimum(t0 + BT, eos) - 1
-        _store_state(dhs, dh, ((c0 + i_c) * H + i_h) * (K * V), 0, i_v * BV, K, V, KP, BV)
-        M = _load_tile(Mqk + i_h * BT, offs, valid, 0, H * BT, BT, BT)
-        b_do = _load_tile(do + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
-        qq = _load_tile(q + i_h * K, offs, valid, 0, H * K, K, KP)
-        kk = _load_tile(k + i_h * K, offs, valid, 0, H * K, K, KP)
+        hb = ((c0 + i_c) * H + i_h) * (K * V)
+        _store_state(dhs, dh1, hb, 0, v0, K, V, BK, BV)
+        if NK > 1:
+            _store_state(dhs, dh2, hb, BK, v0, K, V, BK, BV)
+        if NK > 2:
+            _store_state(dhs, dh3, hb, 2 * BK, v0, K, V, BK, BV)
+        if NK > 3:
+            _store_state(dhs, dh4, hb, 3 * BK, v0, K, V, BK, BV)
         fq = _row_factor(rn, offs, valid, i_h, H, 0, NORM) * scale
         fk = _row_factor(rn, offs, valid, i_h, H, 1, NORM)
-        if DECAY == 2:
-            G, G_last = _decay_cols(gc, offs, valid, t_last, i_h, 0, H, K, KP)
-            kk = kk * (fk[:, None] * tl.exp(G_last[None, :] - G))
-            qq = qq * (fq[:, None] * tl.exp(G))
-            b_dvn = tl.dot(tl.trans(M), b_do, input_precision=PREC) + tl.dot(kk, dh, input_precision=PREC)
-            dh = dh * tl.exp(G_last)[:, None] + tl.dot(tl.trans(qq), b_do, input_precision=PREC)
-        else:
-            if DECAY == 1:
-                G, G_last = _decay_rows(gc, offs, valid, t_last, i_h, H)
-                fk = fk * tl.exp(G_last - G)
-                fq = fq * tl.exp(G)
-            b_dvn = tl.dot(tl.trans(M), b_do, input_precision=PREC)
-            b_dvn += tl.dot(kk, dh, input_precision=PREC) * fk[:, None]
-            if DECAY == 1:
-                dh = dh * tl.exp(G_last)
-            dh += tl.dot(tl.trans(qq), b_do * fq[:, None], input_precision=PREC)
-        _store_tile(dvn + i_h * V, b_dvn, offs, valid, i_v * BV, H * V, V, BV)
-        if DELTA:
-            ww = _load_tile(w + i_h * K, offs, valid, 0, H * K, K, KP)
-            dh -= tl.dot(tl.trans(ww), b_dvn, input_precision=PREC)
+        eG = 1.
+        if DECAY == 1:
+            G, G_last = _decay_rows(gc, offs, valid, t_last, i_h, H)
+            fk = fk * tl.exp(G_last - G)
+            fq = fq * tl.exp(G)
+            eG = tl.exp(G_last)
+        # dv_new = M^T do + (k e^{G_last - G}) dh_next
+        x = _k_dh(dh1, k, gc, fk, offs, valid, t_last, i_h, 0, H, K, BK, DECAY, PREC)
+        if NK > 1:
+            x += _k_dh(dh2, k, gc, fk, offs, valid, t_last, i_h, BK, H, K, BK, DECAY, PREC)
+        if NK > 2:
+            x += _k_dh(dh3, k, gc, fk, offs, valid, t_last, i_h, 2 * BK, H, K, BK, DECAY, PREC)
+        if NK > 3:
+            x += _k_dh(dh4, k, gc, fk, offs, valid, t_last, i_h, 3 * BK, H, K, BK, DECAY, PREC)
+        if DECAY < 2:
+            x = x * fk[:, None]
+        b_do = _load_tile(do + i_h * V, offs, valid, v0, H * V, V, BV)
+        M = _load_tile(Mqk + i_h * BT, offs, valid, 0, H * BT, BT, BT)
+        b_dvn = x + tl.dot(tl.trans(M), b_do, input_precision=PREC)
+        _store_tile(dvn + i_h * V, b_dvn, offs, valid, v0, H * V, V, BV)
+        if DECAY < 2:
+            b_do = b_do * fq[:, None]
+        dh1 = _dh_step(dh1, q, w, gc, fq, offs, valid, t_last, i_h, 0, b_do, b_dvn, eG, H, K, BK, DECAY, DELTA,
+                       PREC)
+        if NK > 1:
+            dh2 = _dh_step(dh2, q, w, gc, fq, offs, valid, t_last, i_h, BK, b_do, b_dvn, eG, H, K, BK, DECAY,
+                           DELTA, PREC)
+        if NK > 2:
+            dh3 = _dh_step(dh3, q, w, gc, fq, offs, valid, t_last, i_h, 2 * BK, b_do, b_dvn, eG, H, K, BK, DECAY,
+                           DELTA, PREC)
+        if NK > 3:
+            dh4 = _dh_step(dh4, q, w, gc, fq, offs, valid, t_last, i_h, 3 * BK, b_do, b_dvn, eG, H, K, BK, DECAY,
+                           DELTA, PREC)
     if HAS_H0:
-        _store_state(dh0, dh, i_nh.to(tl.int64) * (K * V), 0, i_v * BV, K, V, KP, BV)
+        _store_state(dh0, dh1, base, 0, v0, K, V, BK, BV)
+        if NK > 1:
+            _store_state(dh0, dh2, base, BK, v0, K, V, BK, BV)
+        if NK > 2:
+            _store_state(dh0, dh3, base, 2 * BK, v0, K, V, BK, BV)
+        if NK > 3:
+            _store_state(dh0, dh4, base, 3 * BK, v0, K, V, BK, BV)
 
 
 @triton.jit
@@ -487,8 +660,9 @@ def _dv_bwd_kernel(v, beta, Ai, Mkk, vn, do, dvn, dv, dMs, dLs, dbp, cu, cidx,
 def _dqk_bwd_kernel(q, k, v, beta, gc, rn, Ai, hs, vn, do, dhs, dvn, dMs, dLs, dbp, dq, dk, dbeta, dg,
                     dq32, dk32, cu, cidx, scale,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                    BV: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, DECAY: tl.constexpr,
-                    HAS_BETA: tl.constexpr, DELTA: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr):
+                    BV: tl.constexpr, BC: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr,
+                    DECAY: tl.constexpr, HAS_BETA: tl.constexpr, DELTA: tl.constexpr, NORM: tl.constexpr,
+                    PREC: tl.constexpr):
     """Per chunk, one K block at a time: dq, dk, the rest of dbeta, and dg.
 
     Each G_t multiplies the rows of q (and k in e^G terms) and divides the k terms e^{-G}, so the
@@ -503,21 +677,12 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, Ai, hs, vn, do, dhs, dvn, dMs, dLs, d
     b = _load_beta(beta, offs, valid, H, i_h, HAS_BETA)
     rq = _row_factor(rn, offs, valid, i_h, H, 0, NORM)
     rk = _row_factor(rn, offs, valid, i_h, H, 1, NORM)
-    fq = rq * scale
-    dM = _load_tile(dMs + i_h * BT, offs, valid, 0, H * BT, BT, BT)
-    if DELTA:
-        A = _load_tile(Ai + i_h * BT, offs, valid, 0, H * BT, BT, BT)
-        dL = _load_tile(dLs + i_h * BT, offs, valid, 0, H * BT, BT, BT)
     G = tl.zeros([BT], dtype=tl.float32)
     G_last = 0.
     eq = tl.full([BT], 1., dtype=tl.float32)
     ek = valid.to(tl.float32)
     if DECAY == 1:
         G, G_last = _decay_rows(gc, offs, valid, t_last, i_h, H)
-        D = tl.exp(tl.where(rows[:, None] >= rows[None, :], G[:, None] - G[None, :], 0.))
-        dM = dM * D
-        if DELTA:
-            dL = dL * D
         eq = tl.exp(G)
         ek = tl.where(valid, tl.exp(G_last - G), 0.)
     dG = tl.zeros([BT], dtype=tl.float32)    # scalar decay: the gradient wrt G
@@ -528,9 +693,6 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, Ai, hs, vn, do, dhs, dvn, dMs, dLs, d
     sk = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(NK):
         c0 = i_k * BK
-        qn = _load_tile(q + i_h * K, offs, valid, c0, H * K, K, BK) * rq[:, None]
-        kb = _load_tile(k + i_h * K, offs, valid, c0, H * K, K, BK) * rk[:, None]
-        qb = qn * scale
         b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # do h^T
         b_dk = tl.zeros([BT, BK], dtype=tl.float32)  # v_new dh_next^T
         b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # dv_new h^T = -(the gradient wrt W)
@@ -550,6 +712,10 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, Ai, hs, vn, do, dhs, dvn, dMs, dLs, d
                 b_dw += tl.dot(b_dvn, tl.trans(h), input_precision=PREC)
             if DECAY > 0:
                 b_hdh += tl.sum(h * dhn, 1)
+        # The chunk's own tiles are (re)loaded here, after the V loop, to keep them out of its registers.
+        qn = _load_tile(q + i_h * K, offs, valid, c0, H * K, K, BK) * rq[:, None]
+        kb = _load_tile(k + i_h * K, offs, valid, c0, H * K, K, BK) * rk[:, None]
+        qb = qn * scale
         # Across chunks: (q e^G) h and (k e^{G_last - G})^T v_new, and e^{G_last} h.
         if DECAY == 2:
             Gb, Gb_last = _decay_cols(gc, offs, valid, t_last, i_h, c0, H, K, BK)
@@ -566,8 +732,13 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, Ai, hs, vn, do, dhs, dvn, dMs, dLs, d
             dGk += tl.sum(kb * b_dk, 1)
             hdh += b_hdh
         # Inside the chunk: M = lower(q k^T e^{G_t - G_s}).
+        dM = _load_tile(dMs + i_h * BT, offs, valid, 0, H * BT, BT, BT)
+        if DECAY == 1:
+            D = tl.exp(tl.where(rows[:, None] >= rows[None, :], G[:, None] - G[None, :], 0.))
+            dM = dM * D
         if DECAY == 2:
-            da, dbk = _pair_channel_bwd(dM, qb, kb, Gb, BT, BK)
+            da, dbk = _pair_channel_bwd(dM, qb, kb, Gb, q, k, gc, rn, offs, t_last, i_h, c0, scale, 1.0, H, K,
+                                        BT, BK, BC, 0, 1, NORM, PREC)
         else:
             da = tl.dot(dM, kb, input_precision=PREC)
             dbk = tl.dot(tl.trans(dM), qb, input_precision=PREC)
@@ -576,6 +747,7 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, Ai, hs, vn, do, dhs, dvn, dMs, dLs, d
         dGb += qb * da - kb * dbk
         if DELTA:
             # W = A (beta k e^G): its gradient pulled through A.
+            A = _load_tile(Ai + i_h * BT, offs, valid, 0, H * BT, BT, BT)
             dWy = -tl.dot(tl.trans(A), b_dw, input_precision=PREC)
             kg = kb * eqb
             b_dk += dWy * (b[:, None] * eqb)
@@ -583,8 +755,12 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, Ai, hs, vn, do, dhs, dvn, dMs, dLs, d
             db += tl.sum(x, 1)
             dGb += x * b[:, None]
             # L = beta_t pair_strict(k, k): dL (already times beta) for both sides of the pair.
+            dL = _load_tile(dLs + i_h * BT, offs, valid, 0, H * BT, BT, BT)
+            if DECAY == 1:
+                dL = dL * D
             if DECAY == 2:
-                da, dbk = _pair_channel_bwd(dL, kb, kb, Gb, BT, BK)
+                da, dbk = _pair_channel_bwd(dL, kb, kb, Gb, k, k, gc, rn, offs, t_last, i_h, c0, 1.0, 1.0, H,
+                                            K, BT, BK, BC, 1, 1, NORM, PREC)
             else:
                 da = tl.dot(dL, kb, input_precision=PREC)
                 dbk = tl.dot(tl.trans(dL), kb, input_precision=PREC)
@@ -677,25 +853,30 @@ def _config(K: int, V: int, chunk_size: int) -> dict:
     """Fixed block sizes (the interpreter cannot autotune).
 
     BT, the chunk, is a hint (the results do not depend on it): a power of 2 from 16 (tl.dot's least
-    size) to 64, for every head dim. The per-chunk kernels work on K in blocks of BK and on V in blocks
-    of BV; the sequential kernels (h, dh) hold the state block as all KP >= K key rows by BV_h values,
-    since W h sums over every key. The step kernel uses KP and BV_h too.
+    size) to 64, for every head dim. Every kernel works on K in blocks of BK (the sequential ones hold
+    up to 4 such blocks of the state) and on V in blocks of BV (BV_h in the sequential kernels, BV_dqk
+    in the dq/dk kernel). The step kernel holds the whole (KP, BV_h) state block.
     """
     KP = max(16, triton.next_power_of_2(K))
-    if KP > 256:
-        raise NotImplementedError(f"head dim K={K}: the sequential kernels hold whole key rows, K <= 256")
+    BT = min(max(16, triton.next_power_of_2(chunk_size)), 64)
     cfg = dict(
-        BT=min(max(16, triton.next_power_of_2(chunk_size)), 64),
+        BT=BT,
+        BC=min(BT, 16),  # sub-chunk of the per-channel pairs
         KP=KP,
         BK=min(KP, 64),
         BV=max(16, min(triton.next_power_of_2(V), 64)),
         BV_h=max(16, min(triton.next_power_of_2(V), 64 if KP <= 64 else 32)),
-        warps=4,        # prep, o, dv
+        BV_dqk=max(16, min(triton.next_power_of_2(V), 64)),
+        warps=4,        # o, dv
+        warps_prep=8,   # prep: 4 warps spill registers (the inverse and the K-block loop)
         warps_h=4,      # h, dh
         warps_dqk=8,    # dq/dk: three (BT, BK) accumulators plus the state tiles
         stages=1,
     )
     cfg.update(CONFIG_OVERRIDES)
+    if triton.cdiv(K, cfg["BK"]) > 4:
+        raise NotImplementedError(f"head dim K={K}: the sequential kernels hold at most 4 key blocks of "
+                                  f"{cfg['BK']}")
     return cfg
 
 
@@ -731,7 +912,8 @@ class _Plan:
         # fp32 inputs: three-pass tf32 products, about fp32-accurate ("ieee" unrolls into FMA code that
         # takes minutes to compile); 16-bit inputs: one-pass tf32 on fp32 operands.
         self.prec = "tf32x3" if all(x.dtype == torch.float32 for x in (q, k, v)) else "tf32"
-        self.BK, self.BV, self.KP, self.BV_h = cfg["BK"], cfg["BV"], cfg["KP"], cfg["BV_h"]
+        self.BK, self.BV, self.KP, self.BV_h, self.BC = cfg["BK"], cfg["BV"], cfg["KP"], cfg["BV_h"], cfg["BC"]
+        self.BV_dqk = cfg["BV_dqk"]
         self.NK, self.NV = triton.cdiv(K, self.BK), triton.cdiv(V, self.BV)
 
     def launch(self, which=""):
@@ -761,10 +943,11 @@ def _forward_states(p: _Plan, q, k, v, g, beta, h0) -> dict:
     if p.NT:
         _prep_kernel[(p.NT, H)](q, k, v, _or(g, x), _or(beta, x), o["gc"], o["rn"], o["Mqk"], o["Mkk"], o["Ai"],
                                 o["w"], o["u"], p.cu, p.cidx, p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK, BV=p.BV,
-                                NK=p.NK, NV=p.NV, HAS_BETA=p.has_beta, **p.switches(), **p.launch())
+                                BC=p.BC, NK=p.NK, NV=p.NV, HAS_BETA=p.has_beta, **p.switches(),
+                                **p.launch("_prep"))
     _h_fwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
         k, v, _or(beta, x), o["gc"], o["rn"], o["w"], o["u"], _or(h0, x), s["hs"], o["vn"], s["ht"], p.cu,
-        p.coff, H=H, K=K, V=V, BT=BT, KP=p.KP, BV=p.BV_h, HAS_BETA=p.has_beta, HAS_H0=h0 is not None,
+        p.coff, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_BETA=p.has_beta, HAS_H0=h0 is not None,
         **p.switches(), **p.launch("_h"))
     return s
 
@@ -811,7 +994,8 @@ class ChunkMemoryFunction(torch.autograd.Function):
         dh0 = torch.empty(p.N, H, K, V, device=dev, dtype=f32) if h0 is not None else None
         _dh_bwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
             fq, fk, o["gc"], o["rn"], s["Mqk"], o["w"], do, _or(dht, x), dhs, dvn, _or(dh0, x), p.cu, p.coff,
-            p.scale, H=H, K=K, V=V, BT=BT, KP=p.KP, BV=p.BV_h, HAS_DHT=dht is not None, HAS_H0=h0 is not None,
+            p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_DHT=dht is not None,
+            HAS_H0=h0 is not None,
             **p.switches(), **p.launch("_h"))
         dq, dk, dv = torch.empty_like(fq), torch.empty_like(fk), torch.empty_like(fv)
         dg = torch.empty_like(fg) if fg is not None else None
@@ -829,7 +1013,8 @@ class ChunkMemoryFunction(torch.autograd.Function):
             _dqk_bwd_kernel[(p.NT, H)](fq, fk, fv, _or(fb, x), o["gc"], o["rn"], o["Ai"], s["hs"], o["vn"], do,
                                        dhs, dvn, dMs, _or(dLs, x), _or(dbp, x), dq, dk, _or(db, x), _or(dg, x),
                                        _or(dq32, x), _or(dk32, x), p.cu, p.cidx, p.scale, H=H, K=K, V=V,
-                                       BT=BT, BK=p.BK, BV=p.BV, NK=p.NK, NV=p.NV, HAS_BETA=p.has_beta,
+                                       BT=BT, BK=p.BK, BV=p.BV_dqk, BC=p.BC, NK=p.NK, NV=triton.cdiv(V, p.BV_dqk),
+                                       HAS_BETA=p.has_beta,
                                        **p.switches(), **p.launch("_dqk"))
         else:
             for t in (dq, dk, dv, dg, db):

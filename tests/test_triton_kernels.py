@@ -142,6 +142,17 @@ def test_k_and_v_blocks(algo, norm, monkeypatch):
     check(algo, 1, 45, 2, 40, 24, 32, True, norm, seed=hash((algo, norm)) % 2**31)
 
 
+@pytest.mark.parametrize("algo", ["gla", "kda"])
+def test_per_channel_sub_chunks(algo, monkeypatch):
+    """Sub-chunks of 8 in chunks of 32: pairs across three sub-chunk boundaries, and decays so strong
+    (about e^-9 per token, e^-280 over a chunk) that a product factored over the whole chunk overflows."""
+    monkeypatch.setattr(TC, "CONFIG_OVERRIDES", dict(BC=8))
+    inputs, delta = make_inputs(algo, 1, 45, 2, 16, 16, seed=21)
+    inputs["g"] = inputs["g"] * 10 - 1
+    kw = dict(delta=delta, normalize_qk=True, chunk_size=32)
+    compare(run(TC.chunk_memory, inputs, torch.float32, **kw), run(R.chunked, inputs, torch.float64, **kw), 2e-5)
+
+
 @pytest.mark.parametrize("algo", ALGORITHMS)
 def test_varlen_with_empty_and_short_segments(algo):
     lens = [0, 1, 17, 0, 33, 16, 2]
@@ -205,8 +216,8 @@ GPU_TOL = {torch.float32: (2e-4, "max"), torch.bfloat16: (1e-2, "rms")}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("T", [1, 63, 64, 1000])
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("T", [1, 63, 64, 1000, 4096])
 @pytest.mark.parametrize("algo", ALGORITHMS)
 @pytest.mark.gpu
 @needs_cuda
@@ -216,7 +227,7 @@ def test_gpu_chunk_matches_reference(algo, T, D, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("algo", ALGORITHMS)
 @pytest.mark.gpu
 @needs_cuda
