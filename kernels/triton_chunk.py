@@ -232,12 +232,13 @@ def _pair_channel(a, b, G, bx, gc, rn, offs, t_last, i_h, col0, b_mult, H: tl.co
 
 
 @triton.jit
-def _pair_channel_bwd(dP, a, b, G, ax, bx, gc, rn, offs, t_last, i_h, col0, a_mult, b_mult,
+def _pair_channel_bwd(dP, dPx, a, b, G, ax, bx, gc, rn, offs, t_last, i_h, col0, a_mult, b_mult,
                       H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
                       A_WHICH: tl.constexpr, B_WHICH: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr):
     """Gradients wrt a and b of sum(dP * _pair_channel(a, b, G)), dP already masked to the pair's
-    triangle, in the same sub-chunks (ax, a_mult: what a is, as bx, b_mult for b). The gradient wrt G is
-    a da - b db (each G_tk multiplies a_tk and divides b_tk)."""
+    triangle and stored at dPx as rows of BT (read back there one element per row, rather than picked
+    out of the tile), in the same sub-chunks (ax, a_mult: what a is, as bx, b_mult for b). The gradient
+    wrt G is a da - b db (each G_tk multiplies a_tk and divides b_tk)."""
     rows = tl.arange(0, BT)
     da = tl.zeros([BT, BK], dtype=tl.float32)
     db = tl.zeros([BT, BK], dtype=tl.float32)
@@ -252,11 +253,12 @@ def _pair_channel_bwd(dP, a, b, G, ax, bx, gc, rn, offs, t_last, i_h, col0, a_mu
         p_valid = p_offs <= t_last
         G_p, G_last = _decay_cols(gc, p_offs, p_valid, t_last, i_h, col0, H, K, BK)
         # da_t += dP[t, s] e^{G_t - G_s} b_s for s = p(t) <= t
-        x = tl.sum(tl.where(rows[None, :] == p_idx[:, None], dP, 0.), 1)
+        valid = offs <= t_last
+        x = tl.load(dPx + offs * (H * BT) + i_h * BT + p_idx, mask=valid, other=0.)
         b_p = _load_qk_rows(bx, rn, p_offs, p_valid, i_h, col0, b_mult, H, K, BK, B_WHICH, NORM)
         da += x[:, None] * tl.exp(tl.where((rows >= p_idx)[:, None], G - G_p, 0.)) * b_p
         # db_s += dP[t, s] e^{G_t - G_s} a_t for t = p(s) >= s
-        y = tl.sum(tl.where(rows[:, None] == p_idx[None, :], dP, 0.), 0)
+        y = tl.load(dPx + p_offs * (H * BT) + i_h * BT + rows, mask=p_valid, other=0.)
         a_p = _load_qk_rows(ax, rn, p_offs, p_valid, i_h, col0, a_mult, H, K, BK, A_WHICH, NORM)
         db += y[:, None] * tl.exp(tl.where((p_idx >= rows)[:, None], G_p - G, 0.)) * a_p
     return da, db
@@ -613,12 +615,14 @@ def _dh_bwd_kernel(q, k, gc, rn, Mqk, w, do, dht, dhs, dvn, dh0, cu, coff, scale
 
 
 @triton.jit
-def _dv_bwd_kernel(v, beta, Ai, Mkk, vn, do, dvn, dv, dMs, dLs, dbp, cu, cidx,
+def _dv_bwd_kernel(v, beta, gc, Ai, Mkk, vn, do, dvn, dv, dMs, dLs, dbp, cu, cidx,
                    H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
-                   HAS_BETA: tl.constexpr, DELTA: tl.constexpr, PREC: tl.constexpr):
+                   DECAY: tl.constexpr, HAS_BETA: tl.constexpr, DELTA: tl.constexpr, PREC: tl.constexpr):
     """Per chunk, everything that sums over V only: dv, the beta gradient through U, and the gradients
     wrt M (dM = do v_new^T) and wrt L (dL = -(A^T dv_new) v_new^T: with W h = U - v_new the W and U
-    terms of dL collapse into one, so no sum over K is needed), stored for the dq/dk kernel."""
+    terms of dL collapse into one, so no sum over K is needed), stored for the dq/dk kernel; for a
+    scalar decay already times e^{G_t - G_s}, which the dq/dk kernel would otherwise form (registers
+    are short there)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     offs, valid, t_last = _chunk_rows(cu, cidx, i_t, BT)
     rows = tl.arange(0, BT)
@@ -639,6 +643,9 @@ def _dv_bwd_kernel(v, beta, Ai, Mkk, vn, do, dvn, dv, dMs, dLs, dbp, cu, cidx,
         dM += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
         if DELTA:
             dX = tl.dot(tl.trans(A), b_dvn, input_precision=PREC)  # gradient wrt beta v
+            # dX replaces dv_new in place: the dq/dk kernel needs A^T dv_new h^T (the gradient wrt W
+            # pulled through A) and forms it as dX h^T.
+            _store_tile(dvn + i_h * V, dX, offs, valid, i_v * BV, H * V, V, BV)
             b_dv = dX * b[:, None]
             db += tl.sum(b_v * dX, 1)
             dL -= tl.dot(dX, tl.trans(b_vn), input_precision=PREC)
@@ -646,18 +653,22 @@ def _dv_bwd_kernel(v, beta, Ai, Mkk, vn, do, dvn, dv, dMs, dLs, dbp, cu, cidx,
             b_dv = b_dvn * b[:, None]
             db += tl.sum(b_v * b_dvn, 1)
         _store_tile(dv + i_h * V, b_dv, offs, valid, i_v * BV, H * V, V, BV)
-    _store_tile(dMs + i_h * BT, tl.where(rows[:, None] >= rows[None, :], dM, 0.), offs, valid, 0, H * BT, BT, BT)
+    D = (rows[:, None] >= rows[None, :]).to(tl.float32)
+    if DECAY == 1:
+        G, G_last = _decay_rows(gc, offs, valid, t_last, i_h, H)
+        D = tl.where(D > 0, tl.exp(tl.where(D > 0, G[:, None] - G[None, :], 0.)), 0.)
+    _store_tile(dMs + i_h * BT, dM * D, offs, valid, 0, H * BT, BT, BT)
     if DELTA:
         # L = beta_t pair_strict(k, k)_ts: the pair's gradient is dL beta_t, beta's sums dL pair.
         dL = tl.where(rows[:, None] > rows[None, :], dL, 0.)
         db += tl.sum(dL * _load_tile(Mkk + i_h * BT, offs, valid, 0, H * BT, BT, BT), 1)
-        _store_tile(dLs + i_h * BT, dL * b[:, None], offs, valid, 0, H * BT, BT, BT)
+        _store_tile(dLs + i_h * BT, dL * (b[:, None] * D), offs, valid, 0, H * BT, BT, BT)
     if HAS_BETA:
         tl.store(dbp + offs * H + i_h, db, mask=valid)
 
 
 @triton.jit
-def _dqk_bwd_kernel(q, k, v, beta, gc, rn, Ai, hs, vn, do, dhs, dvn, dMs, dLs, dbp, dq, dk, dbeta, dg,
+def _dqk_bwd_kernel(q, k, v, beta, gc, rn, hs, vn, do, dhs, dvn, dMs, dLs, dbp, dq, dk, dbeta, dg,
                     dq32, dk32, cu, cidx, scale,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                     BV: tl.constexpr, BC: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr,
@@ -695,7 +706,7 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, Ai, hs, vn, do, dhs, dvn, dMs, dLs, d
         c0 = i_k * BK
         b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # do h^T
         b_dk = tl.zeros([BT, BK], dtype=tl.float32)  # v_new dh_next^T
-        b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # dv_new h^T = -(the gradient wrt W)
+        b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # A^T dv_new h^T = -(the gradient wrt beta k e^G)
         b_hdh = tl.zeros([BK], dtype=tl.float32)
         for i_v in range(NV):
             h = _load_state(hs, hbase, c0, i_v * BV, K, V, BK, BV)
@@ -707,60 +718,67 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, Ai, hs, vn, do, dhs, dvn, dMs, dLs, d
                 b_vn = _load_tile(v + i_h * V, offs, valid, i_v * BV, H * V, V, BV) * b[:, None]
             b_dq += tl.dot(b_do, tl.trans(h), input_precision=PREC)
             b_dk += tl.dot(b_vn, tl.trans(dhn), input_precision=PREC)
-            if DELTA:
-                b_dvn = _load_tile(dvn + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
-                b_dw += tl.dot(b_dvn, tl.trans(h), input_precision=PREC)
+            if DELTA:  # the dv kernel left A^T dv_new in dvn
+                b_dX = _load_tile(dvn + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
+                b_dw += tl.dot(b_dX, tl.trans(h), input_precision=PREC)
             if DECAY > 0:
                 b_hdh += tl.sum(h * dhn, 1)
-        # The chunk's own tiles are (re)loaded here, after the V loop, to keep them out of its registers.
+        # The chunk's own tiles are (re)loaded here, after the V loop, to keep them out of its registers;
+        # dq is finished first so that its tiles die before the dk terms.
         qn = _load_tile(q + i_h * K, offs, valid, c0, H * K, K, BK) * rq[:, None]
-        kb = _load_tile(k + i_h * K, offs, valid, c0, H * K, K, BK) * rk[:, None]
         qb = qn * scale
-        # Across chunks: (q e^G) h and (k e^{G_last - G})^T v_new, and e^{G_last} h.
+        kb = _load_tile(k + i_h * K, offs, valid, c0, H * K, K, BK) * rk[:, None]
         if DECAY == 2:
             Gb, Gb_last = _decay_cols(gc, offs, valid, t_last, i_h, c0, H, K, BK)
             eqb = tl.exp(Gb)
-            b_dq = b_dq * eqb
-            b_dk = b_dk * tl.where(valid[:, None], tl.exp(Gb_last[None, :] - Gb), 0.)
-            dGb = qb * b_dq - kb * b_dk
-            dGb_last = tl.sum(kb * b_dk, 0) + b_hdh * tl.exp(Gb_last)
+            ekb = tl.where(valid[:, None], tl.exp(Gb_last[None, :] - Gb), 0.)
         else:
             eqb = eq[:, None]
-            b_dq = b_dq * eqb
-            b_dk = b_dk * ek[:, None]
-            dGb = qb * b_dq - kb * b_dk
-            dGk += tl.sum(kb * b_dk, 1)
-            hdh += b_hdh
-        # Inside the chunk: M = lower(q k^T e^{G_t - G_s}).
+            ekb = ek[:, None]
+        # Across chunks: (q e^G) h; inside the chunk: M = lower(q k^T e^{G_t - G_s}).
+        b_dq = b_dq * eqb
         dM = _load_tile(dMs + i_h * BT, offs, valid, 0, H * BT, BT, BT)
-        if DECAY == 1:
-            D = tl.exp(tl.where(rows[:, None] >= rows[None, :], G[:, None] - G[None, :], 0.))
-            dM = dM * D
         if DECAY == 2:
-            da, dbk = _pair_channel_bwd(dM, qb, kb, Gb, q, k, gc, rn, offs, t_last, i_h, c0, scale, 1.0, H, K,
-                                        BT, BK, BC, 0, 1, NORM, PREC)
+            da, dbk = _pair_channel_bwd(dM, dMs, qb, kb, Gb, q, k, gc, rn, offs, t_last, i_h, c0, scale, 1.0, H,
+                                        K, BT, BK, BC, 0, 1, NORM, PREC)
         else:
             da = tl.dot(dM, kb, input_precision=PREC)
             dbk = tl.dot(tl.trans(dM), qb, input_precision=PREC)
         b_dq += da
+        # The gradient wrt G: + q dq over every q term (all carry e^{+G})
+        dGb = qb * b_dq
+        b_dq = b_dq * scale  # now wrt the normalised q (or q itself)
+        if NORM:
+            if NK == 1:
+                _store_tile(dq + i_h * K, _l2norm_bwd(qn, rq, b_dq), offs, valid, c0, H * K, K, BK)
+            else:
+                sq += tl.sum(qn * b_dq, 1)
+                _store_tile(dq32 + i_h * K, b_dq, offs, valid, c0, H * K, K, BK)
+        else:
+            _store_tile(dq + i_h * K, b_dq, offs, valid, c0, H * K, K, BK)
+        # Across chunks: (k e^{G_last - G})^T v_new and e^{G_last} h (G_last's gradient).
+        b_dk = b_dk * ekb
+        if DECAY == 2:
+            dGb_last = tl.sum(kb * b_dk, 0) + b_hdh * tl.exp(Gb_last)
+        else:
+            dGk += tl.sum(kb * b_dk, 1)
+            hdh += b_hdh
+        # - k dk over the k terms that carry e^{-G}, + over those with e^{+G}: each term on its own (a
+        # difference of totals would cancel badly under strong decays)
         b_dk += dbk
-        dGb += qb * da - kb * dbk
+        dGb -= kb * b_dk
         if DELTA:
             # W = A (beta k e^G): its gradient pulled through A.
-            A = _load_tile(Ai + i_h * BT, offs, valid, 0, H * BT, BT, BT)
-            dWy = -tl.dot(tl.trans(A), b_dw, input_precision=PREC)
-            kg = kb * eqb
-            b_dk += dWy * (b[:, None] * eqb)
-            x = kg * dWy
+            dWy = -b_dw
+            x = kb * eqb * dWy
             db += tl.sum(x, 1)
             dGb += x * b[:, None]
+            b_dk += dWy * (b[:, None] * eqb)
             # L = beta_t pair_strict(k, k): dL (already times beta) for both sides of the pair.
             dL = _load_tile(dLs + i_h * BT, offs, valid, 0, H * BT, BT, BT)
-            if DECAY == 1:
-                dL = dL * D
             if DECAY == 2:
-                da, dbk = _pair_channel_bwd(dL, kb, kb, Gb, k, k, gc, rn, offs, t_last, i_h, c0, 1.0, 1.0, H,
-                                            K, BT, BK, BC, 1, 1, NORM, PREC)
+                da, dbk = _pair_channel_bwd(dL, dLs, kb, kb, Gb, k, k, gc, rn, offs, t_last, i_h, c0, 1.0, 1.0,
+                                            H, K, BT, BK, BC, 1, 1, NORM, PREC)
             else:
                 da = tl.dot(dL, kb, input_precision=PREC)
                 dbk = tl.dot(tl.trans(dL), kb, input_precision=PREC)
@@ -771,18 +789,13 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, Ai, hs, vn, do, dhs, dvn, dMs, dLs, d
             _store_tile(dg + i_h * K, b_dg, offs, valid, c0, H * K, K, BK)
         if DECAY == 1:
             dG += tl.sum(dGb, 1)
-        b_dq = b_dq * scale  # now wrt the normalised q (or q itself)
         if NORM:
             if NK == 1:
-                _store_tile(dq + i_h * K, _l2norm_bwd(qn, rq, b_dq), offs, valid, c0, H * K, K, BK)
                 _store_tile(dk + i_h * K, _l2norm_bwd(kb, rk, b_dk), offs, valid, c0, H * K, K, BK)
             else:
-                sq += tl.sum(qn * b_dq, 1)
                 sk += tl.sum(kb * b_dk, 1)
-                _store_tile(dq32 + i_h * K, b_dq, offs, valid, c0, H * K, K, BK)
                 _store_tile(dk32 + i_h * K, b_dk, offs, valid, c0, H * K, K, BK)
         else:
-            _store_tile(dq + i_h * K, b_dq, offs, valid, c0, H * K, K, BK)
             _store_tile(dk + i_h * K, b_dk, offs, valid, c0, H * K, K, BK)
     if DECAY == 1:
         b_dg = tl.cumsum(dG, 0, reverse=True) + (tl.sum(dGk, 0) + tl.sum(hdh, 0) * tl.exp(G_last))
@@ -867,6 +880,8 @@ def _config(K: int, V: int, chunk_size: int) -> dict:
         BV=max(16, min(triton.next_power_of_2(V), 64)),
         BV_h=max(16, min(triton.next_power_of_2(V), 64 if KP <= 64 else 32)),
         BV_dqk=max(16, min(triton.next_power_of_2(V), 64)),
+        BK_dqk=min(KP, 64),
+        BK_dqk_channel=min(KP, 32),  # per-channel decay: the sub-chunk pair gradients need more registers
         warps=4,        # o, dv
         warps_prep=8,   # prep: 4 warps spill registers (the inverse and the K-block loop)
         warps_h=4,      # h, dh
@@ -913,7 +928,7 @@ class _Plan:
         # takes minutes to compile); 16-bit inputs: one-pass tf32 on fp32 operands.
         self.prec = "tf32x3" if all(x.dtype == torch.float32 for x in (q, k, v)) else "tf32"
         self.BK, self.BV, self.KP, self.BV_h, self.BC = cfg["BK"], cfg["BV"], cfg["KP"], cfg["BV_h"], cfg["BC"]
-        self.BV_dqk = cfg["BV_dqk"]
+        self.BV_dqk, self.BK_dqk = cfg["BV_dqk"], cfg["BK_dqk_channel" if self.decay == 2 else "BK_dqk"]
         self.NK, self.NV = triton.cdiv(K, self.BK), triton.cdiv(V, self.BV)
 
     def launch(self, which=""):
@@ -1004,16 +1019,19 @@ class ChunkMemoryFunction(torch.autograd.Function):
             dMs = torch.empty(TT, H, BT, device=dev, dtype=f32)
             dLs = torch.empty(TT, H, BT, device=dev, dtype=f32) if p.delta else None
             dbp = torch.empty(TT, H, device=dev, dtype=f32) if p.has_beta else None
-            scratch = p.norm and p.NK > 1
+            NK_dqk = triton.cdiv(K, p.BK_dqk)
+            scratch = p.norm and NK_dqk > 1
             dq32 = torch.empty(TT, H, K, device=dev, dtype=f32) if scratch else None
             dk32 = torch.empty(TT, H, K, device=dev, dtype=f32) if scratch else None
-            _dv_bwd_kernel[(p.NT, H)](fv, _or(fb, x), o["Ai"], o["Mkk"], o["vn"], do, dvn, dv, dMs, _or(dLs, x),
-                                      _or(dbp, x), p.cu, p.cidx, H=H, V=V, BT=BT, BV=p.BV, NV=p.NV,
-                                      HAS_BETA=p.has_beta, DELTA=p.delta, PREC=p.prec, **p.launch())
-            _dqk_bwd_kernel[(p.NT, H)](fq, fk, fv, _or(fb, x), o["gc"], o["rn"], o["Ai"], s["hs"], o["vn"], do,
+            _dv_bwd_kernel[(p.NT, H)](fv, _or(fb, x), o["gc"], o["Ai"], o["Mkk"], o["vn"], do, dvn, dv, dMs,
+                                      _or(dLs, x), _or(dbp, x), p.cu, p.cidx, H=H, V=V, BT=BT, BV=p.BV, NV=p.NV,
+                                      DECAY=p.decay, HAS_BETA=p.has_beta, DELTA=p.delta, PREC=p.prec,
+                                      **p.launch())
+            _dqk_bwd_kernel[(p.NT, H)](fq, fk, fv, _or(fb, x), o["gc"], o["rn"], s["hs"], o["vn"], do,
                                        dhs, dvn, dMs, _or(dLs, x), _or(dbp, x), dq, dk, _or(db, x), _or(dg, x),
                                        _or(dq32, x), _or(dk32, x), p.cu, p.cidx, p.scale, H=H, K=K, V=V,
-                                       BT=BT, BK=p.BK, BV=p.BV_dqk, BC=p.BC, NK=p.NK, NV=triton.cdiv(V, p.BV_dqk),
+                                       BT=BT, BK=p.BK_dqk, BV=p.BV_dqk, BC=p.BC, NK=NK_dqk,
+                                       NV=triton.cdiv(V, p.BV_dqk),
                                        HAS_BETA=p.has_beta,
                                        **p.switches(), **p.launch("_dqk"))
         else:
