@@ -42,3 +42,12 @@ def test_cuda_decoding_with_step_kernel_reproduces_forward(mixer):
         out, state = model.step(ids[:, t], state)
         stepped.append(out)
     torch.testing.assert_close(torch.stack(stepped, 1), logits, rtol=2e-3, atol=2e-3)
+    # prefill (the chunk kernel's final states, the convolution tails) then steps: the same function
+    with torch.no_grad():
+        prefix, state = model.prefill(ids[:, :45])
+    stepped = []
+    for t in range(45, ids.shape[1]):
+        out, state = model.step(ids[:, t], state)
+        stepped.append(out)
+    torch.testing.assert_close(prefix, logits[:, :45], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(torch.stack(stepped, 1), logits[:, 45:], rtol=2e-3, atol=2e-3)
