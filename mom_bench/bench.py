@@ -335,6 +335,10 @@ def _ratios(case: Case, ms: Dict[tuple, float]) -> None:
             r["tokens_per_s"] = r["batch_size"] * r["seq_len"] / (r["ms"] * 1e-3)
 
 
+def title(case: Case) -> str:
+    return f"{case.suite}: {case.name}, B{case.batch_size} x T{case.seq_len}"
+
+
 def hardware() -> dict:
     import triton
 
@@ -375,6 +379,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--rep", type=int, default=100, help="milliseconds of repetitions per timing (do_bench)")
     ap.add_argument("--quick", action="store_true", help="skip the longest shapes (B1 x T16384, 32K context)")
     ap.add_argument("--out", default="outputs/bench", help="folder for bench.md, bench.csv and the run record")
+    ap.add_argument("--case", default="", help="comma-separated substrings: run only the cases whose title "
+                    "(as printed, e.g. 'B1 x T16384') contains one")
     ap.add_argument("--only", default="", help="comma-separated substrings: run only the contenders whose "
                     "name contains one (ratios need the case's reference among them)")
     ap.add_argument("--profile", action="store_true",
@@ -397,13 +403,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = "python -m mom_bench bench " + " ".join(argv if argv is not None else sys.argv[1:])
     hw = hardware()
     cases = build_cases(suites, dtype, args.quick)
+    picked = [s for s in args.case.split(",") if s]
+    cases = [c for c in cases if not picked or any(s in title(c) for s in picked)]
     only = [s for s in args.only.split(",") if s]
     for case in cases if only else []:
         case.contenders = [c for c in case.contenders if any(s in c.name for s in only)]
     start, out = time.time(), Path(args.out)
     profiles: Optional[List[str]] = [] if args.profile else None
     for i, case in enumerate(cases, 1):
-        print(f"[{i}/{len(cases)}] {case.suite}: {case.name}, B{case.batch_size} x T{case.seq_len}", flush=True)
+        print(f"[{i}/{len(cases)}] {title(case)}", flush=True)
         run_case(case, args.rep, lambda s: print(s, flush=True), args.limit, profiles)
         text = write(out, cases[:i], hw, command, time.time() - start, complete=i == len(cases))
         if profiles:
