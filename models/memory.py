@@ -169,22 +169,27 @@ class MemoryMixer(nn.Module):
         tok, weight, cu, per_memory, aux = self._layout(x)
         _, pos = segment_positions(cu)
         xf = x.reshape(B * T, D)
-        xp = xf[tok]
-        q_in = self.q_proj(xf)[tok]  # project once per token, convolve per segment
-        edges = F.pad(per_memory.cumsum(0), (1, 0)).tolist()  # each memory's tokens are contiguous
-        parts = [self._project(xp[edges[m]:edges[m + 1]], m) for m in range(self.M)]
-        k_in, v_in, a, b = (torch.cat(p) if p[0] is not None else None for p in zip(*parts))
+        if self.routed:  # (token, memory) pairs, grouped by memory: gather (its backward is an index_add)
+            xp, q_in = xf.index_select(0, tok), self.q_proj(xf).index_select(0, tok)
+            edges = F.pad(per_memory.cumsum(0), (1, 0)).tolist()  # each memory's tokens are contiguous
+            parts = [self._project(xp[edges[m]:edges[m + 1]], m) for m in range(self.M)]
+            k_in, v_in, a, b = (torch.cat(p) if p[0] is not None else None for p in zip(*parts))
+        else:  # one memory over every token in order: the pairs are the tokens themselves
+            q_in, (k_in, v_in, a, b) = self.q_proj(xf), self._project(xf, 0)
         q, k, v = self._conv(0, q_in, pos), self._conv(1, k_in, pos), self._conv(2, v_in, pos)
         g, beta = self._gates(a, b)
         heads = lambda t, d: t.unflatten(-1, (H, d))[None]
         o, final = memory_op(heads(q, K), heads(k, K), heads(v, V), g=None if g is None else g[None],
                              beta=None if beta is None else beta[None], delta=self.kind.delta, cu_seqlens=cu,
                              normalize_qk=self.kind.normalize_qk, chunk_size=self.chunk_size)
-        o = upcast(o[0])
+        o = o[0]
         if self.kind.skip:
-            o = o + self.D_skip[:, None] * upcast(v).unflatten(-1, (H, V))
-        out = torch.zeros(B * T, H, V, device=x.device, dtype=o.dtype)
-        out.index_add_(0, tok, o * weight[:, None, None])
+            o = upcast(o) + self.D_skip[:, None] * upcast(v).unflatten(-1, (H, V))
+        if self.routed:  # weighted sum over each token's memories, in fp32
+            out = torch.zeros(B * T, H, V, device=x.device, dtype=upcast(o).dtype)
+            out.index_add_(0, tok, upcast(o) * weight[:, None, None])
+        else:
+            out = o
         y = self._finish(out.view(B, T, H, V), x)
         if not want_state:
             return y, aux, None
