@@ -275,7 +275,9 @@ def time_limit(seconds: int):
         signal.signal(signal.SIGALRM, old)
 
 
-def run_case(case: Case, rep: int, log, limit_s: int = 0, profiles: Optional[List[str]] = None) -> None:
+def run_case(case: Case, rep: int, log, limit_s: int = 0, profiles: Optional[List[str]] = None,
+             after: Optional[Callable[[], None]] = None) -> None:
+    """Time every contender of a case; `after` runs once each contender is done (to save progress)."""
     ms: Dict[tuple, float] = {}
     for c in case.contenders:
         try:
@@ -292,7 +294,9 @@ def run_case(case: Case, rep: int, log, limit_s: int = 0, profiles: Optional[Lis
             torch.cuda.empty_cache()
         log(f"  {c.name}: " + ", ".join(f"{r['pass']} {r['ms']:.3f} ms" if r["ms"] is not None else r["error"]
                                          for r in case.rows if r["name"] == c.name))
-    _ratios(case, ms)
+        _ratios(case, ms)
+        if after:
+            after()
 
 
 def profile(fn: Fn, iters: int = 3, top: int = 15) -> str:
@@ -342,7 +346,7 @@ def title(case: Case) -> str:
 def hardware() -> dict:
     import triton
 
-    info = dict(device_name=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+    info = dict(device_name=torch.cuda.get_device_name(), started=time.strftime("%Y%m%d-%H%M%S"), torch=torch.__version__, triton=triton.__version__,
                 cuda=torch.version.cuda, python=platform.python_version())
     try:
         import fla
@@ -355,7 +359,7 @@ def hardware() -> dict:
 
 def markdown(cases: List[Case], hw: dict, command: str) -> str:
     lines = [f"# mom_bench bench on {hw['device_name']}", "",
-             "versions: " + ", ".join(f"{k} {v}" for k, v in hw.items() if k != "device_name"),
+             "versions: " + ", ".join(f"{k} {v}" for k, v in hw.items() if k not in ("device_name", "started")),
              f"command: `{command}`", ""]
     for case in cases:
         lines += [f"## {case.suite}: {case.name}, B{case.batch_size} x T{case.seq_len}"
@@ -410,18 +414,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         case.contenders = [c for c in case.contenders if any(s in c.name for s in only)]
     start, out = time.time(), Path(args.out)
     profiles: Optional[List[str]] = [] if args.profile else None
-    for i, case in enumerate(cases, 1):
-        print(f"[{i}/{len(cases)}] {title(case)}", flush=True)
-        run_case(case, args.rep, lambda s: print(s, flush=True), args.limit, profiles)
-        text = write(out, cases[:i], hw, command, time.time() - start, complete=i == len(cases))
+    if not cases:
+        ap.error("no case left after --suite/--case")
+    started: List[Case] = []
+
+    def save(complete: bool = False) -> None:  # after every contender: a run that dies keeps what it measured
+        write(out, started, hw, command, time.time() - start, complete)
         if profiles:
             (out / "profile.txt").write_text("\n".join(profiles))
+
+    for i, case in enumerate(cases, 1):
+        print(f"[{i}/{len(cases)}] {title(case)}", flush=True)
+        started.append(case)
+        run_case(case, args.rep, lambda s: print(s, flush=True), args.limit, profiles, after=save)
+    save(complete=True)
+    text = markdown(cases, hw, command)
     print(text)
     return 0
 
 
 def write(out: Path, cases: List[Case], hw: dict, command: str, seconds: float, complete: bool) -> str:
-    """Write what has been measured so far: a run that dies keeps its finished cases."""
+    """bench.md, bench.csv and the run record of what has been measured so far."""
     import pandas as pd
 
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -429,7 +442,7 @@ def write(out: Path, cases: List[Case], hw: dict, command: str, seconds: float, 
     (out / "bench.md").write_text(text + "\n")
     rows = [r for c in cases for r in c.rows]
     pd.DataFrame(rows).to_csv(out / "bench.csv", index=False)
-    run_id = "bench-" + hw["device_name"].replace(" ", "_")
+    run_id = f"bench-{hw['device_name'].replace(' ', '_')}-{hw['started']}"
     record = dict(kind="bench", run_id=run_id, status="complete" if complete else "running", reason=None,
                   hardware=hw, command=command, seconds=seconds, timings=[r for r in rows if r["ms"] is not None])
     tmp = out / "runs" / f"{run_id}.json.tmp"

@@ -76,3 +76,27 @@ def test_a_contender_over_its_time_limit_is_given_up(monkeypatch):
     assert [(r["name"], r["pass"]) for r in case.rows] == [("slow", "-"), ("fast", "fwd"), ("fast", "fwd+bwd")]
     assert case.rows[0]["error"].startswith("ContenderTimeout: gave up after 1 s")
     assert all("ratio" not in r for r in case.rows)  # the reference has no complete timing to divide by
+
+
+def test_main_writes_table_csv_and_a_bench_record_the_report_reads(monkeypatch, tmp_path):
+    import json
+
+    from mom_bench import kernels, report
+
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bench, "hardware", lambda: dict(device_name="Fake GPU", started="0", torch="x"))
+    monkeypatch.setattr(bench, "build_cases", lambda suites, dtype, quick: [fake_case()])
+    monkeypatch.setattr(bench, "time_ms", lambda fn, rep: fn())
+    monkeypatch.setattr(bench, "peak_mb", lambda fn: 10 * fn())
+    before = kernels.get_backend()
+    try:
+        assert bench.main(["--out", str(tmp_path), "--only", "ours,theirs"]) == 0
+    finally:
+        kernels.set_backend(before)
+    assert "| ours | fwd | 1.000 | 0.25 |" in (tmp_path / "bench.md").read_text()
+    assert "broken" not in (tmp_path / "bench.csv").read_text()  # left out by --only
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    assert record["kind"] == "bench" and record["status"] == "complete" and len(record["timings"]) == 4
+    frame = report.bench_frame([record])
+    assert sorted(frame["name"].unique()) == ["ours", "theirs"]
