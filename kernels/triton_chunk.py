@@ -683,7 +683,6 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, hs, vn, do, dhs, dvn, dMs, dLs, dbp, 
     the normalised-space gradients go through fp32 scratch (dq32, dk32) and a second pass."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     offs, valid, t_last = _chunk_rows(cu, cidx, i_t, BT)
-    rows = tl.arange(0, BT)
     hbase = (i_t.to(tl.int64) * H + i_h) * (K * V)
     b = _load_beta(beta, offs, valid, H, i_h, HAS_BETA)
     rq = _row_factor(rn, offs, valid, i_h, H, 0, NORM)

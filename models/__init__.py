@@ -2,7 +2,9 @@
 
 Every mixer takes (d_model, num_heads, head_dim, ...) and provides:
 - `forward(x: (B, T, D)) -> (y: (B, T, D), aux_loss or None)`: the parallel form, for training;
-- `init_state(batch, device, dtype)` and `step(x: (B, D), state) -> (y: (B, D), state)`: decoding;
+- `prefill(x: (B, T, D)) -> (y, state)`: the parallel form plus the decoding state after its last token;
+- `init_state(batch, device, dtype)` and `step(x: (B, D), state) -> (y: (B, D), state)`: decoding (the
+  memory mixers update their state in place and return it; attention returns a new dict);
 - `state_size(seq_len) -> {"total", "active"}`: recurrent state in values, Zoology's convention.
 """
 from __future__ import annotations

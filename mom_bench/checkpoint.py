@@ -168,16 +168,20 @@ def resolve(path: str | os.PathLike) -> Path:
                           f"checkpoint folders in it or in its checkpoints/ folder")
 
 
+def _read_json(file: Path, if_missing: str) -> Any:
+    if not file.exists():
+        raise CheckpointError(f"{file} is missing: {if_missing}")
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+
+
 def read_config(path: str | os.PathLike) -> Dict[str, Any]:
     """config.json of a checkpoint folder, checked for its format."""
     path = Path(path)
     file = path / CONFIG
-    if not file.exists():
-        raise CheckpointError(f"{file} is missing: {path} is not a complete mom_bench checkpoint")
-    try:
-        meta = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{file} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+    meta = _read_json(file, f"{path} is not a complete mom_bench checkpoint")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a mom_bench checkpoint config (no \"format\": \"{FORMAT}\")")
     if meta.get("version", 0) > VERSION:
@@ -240,13 +244,7 @@ def load_train_state(path: str | os.PathLike, model: torch.nn.Module,
     """Restore weights and optimizer state into existing objects; return the saved train_state dict."""
     path = Path(path)
     read_config(path)
-    file = path / TRAIN_STATE
-    if not file.exists():
-        raise CheckpointError(f"{file} is missing: {path} holds weights only and cannot resume training")
-    try:
-        saved = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{file} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+    saved = _read_json(path / TRAIN_STATE, f"{path} holds weights only and cannot resume training")
     load_weights(path, model)
     if optimizer is not None:
         if saved.get("optimizer") is None:

@@ -17,13 +17,7 @@ EOS = 256
 TOK = load_tokenizer(None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two busy cores shared with other jobs: more than one thread per process makes this 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(mixer="mom", seed=0, **kw):
