@@ -21,7 +21,7 @@ only, since the work is the same but its dk is then not trustworthy. A contender
 installed, out of memory) is reported with its error and the rest goes on.
 
 Output: the table on stdout, and `<out>/bench.md`, `<out>/bench.csv` and a run record
-`<out>/runs/bench-<device>.json` (kind "bench") that `python -m mom_bench report` draws.
+`<out>/runs/bench-<device>-<start time>.json` (kind "bench") that `python -m mom_bench report` draws.
 """
 from __future__ import annotations
 
@@ -32,36 +32,16 @@ import platform
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-Fn = Callable[[], object]
-SUITES = ("kernel", "layer", "decode", "generate")
+from .cases import SUITES, Case, Contender, Fn, build_cases, fla_version
+
+__all__ = ["main", "run_case", "build_cases", "Case", "Contender", "SUITES"]
 
 
-@dataclass
-class Contender:
-    name: str
-    build: Callable[[], Dict[str, Fn]]  # pass name ("fwd", "fwd+bwd", "step") -> a closure to time
-
-
-@dataclass
-class Case:
-    suite: str
-    name: str
-    batch_size: int
-    seq_len: int
-    contenders: List[Contender]
-    reference: str  # the contender every ratio divides by
-    target: str = ""
-    memory: bool = False  # also measure peak memory of the forward+backward
-    rows: List[dict] = field(default_factory=list)
-
-
-# --- timing --------------------------------------------------------------------------------------------
 def time_ms(fn: Fn, rep: int) -> float:
     import triton.testing
 
@@ -78,180 +58,6 @@ def peak_mb(fn: Fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-def passes(forward: Callable[[], torch.Tensor], params: List[torch.Tensor]) -> Dict[str, Fn]:
-    """fwd under no_grad (inference cost) and fwd+bwd with a fixed upstream gradient, grads cleared."""
-    out = forward()
-    grad = torch.randn_like(out)
-
-    def fwd():
-        with torch.no_grad():
-            forward()
-
-    def fwd_bwd():
-        for p in params:
-            p.grad = None
-        forward().backward(grad)
-
-    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-# --- contenders ----------------------------------------------------------------------------------------
-def _fla(module: str):
-    """Import a flash-linear-attention module; switch its Hopper guard off (timing only, see above)."""
-    import importlib
-
-    try:
-        import fla.ops.common.chunk_o as chunk_o
-
-        chunk_o.TRITON_ABOVE_3_7_1 = True
-    except (ImportError, AttributeError):
-        pass
-    return importlib.import_module(module)
-
-
-def gdn_inputs(B, T, H, K, dtype, grad=True):
-    q, k, v = (torch.randn(B, T, H, K, device="cuda", dtype=dtype, requires_grad=grad) for _ in range(3))
-    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device="cuda")).requires_grad_(grad)
-    beta = torch.rand(B, T, H, device="cuda", dtype=dtype).requires_grad_(grad)
-    return q, k, v, g, beta
-
-
-def kernel_case(B, T, H, K, dtype) -> Case:
-    def ours():
-        from mom_bench.kernels.triton_chunk import chunk_memory
-
-        x = gdn_inputs(B, T, H, K, dtype)
-        return passes(lambda: chunk_memory(x[0], x[1], x[2], g=x[3], beta=x[4], delta=True,
-                                           normalize_qk=True)[0], list(x))
-
-    def fla():
-        f = _fla("fla.ops.gated_delta_rule").chunk_gated_delta_rule
-        x = gdn_inputs(B, T, H, K, dtype)
-        return passes(lambda: f(*x, use_qk_l2norm_in_kernel=True)[0], list(x))
-
-    return Case("kernel", f"gated delta rule H{H} K=V={K}", B, T,
-                [Contender("ours", ours), Contender("fla chunk_gated_delta_rule", fla)],
-                reference="fla chunk_gated_delta_rule", target="<= 1.0x" if K == 256 else "")
-
-
-def _module_passes(module: torch.nn.Module, B, T, D, dtype) -> Dict[str, Fn]:
-    module = module.to(device="cuda", dtype=dtype)
-    x = torch.randn(B, T, D, device="cuda", dtype=dtype, requires_grad=True)
-    return passes(lambda: _first(module(x)), [x] + list(module.parameters()))
-
-
-def layer_case(B, T, D, H, head_dim, dtype, target) -> Case:
-    from mom_bench.models import Attention, MemoryMixer
-
-    mom = dict(num_memories=4, topk=2, shared_memory=True)
-    attn_heads = max(D // 128, 1)
-    contenders = [
-        Contender("ours MoM", lambda: _module_passes(
-            MemoryMixer(D, H, head_dim, kind="gated_delta", **mom), B, T, D, dtype)),
-        Contender("fla MomAttention", lambda: _module_passes(_fla("fla.layers").MomAttention(
-            hidden_size=D, head_dim=head_dim, num_heads=H, expand_v=1, num_memories=4, topk=2,
-            shared_mem=True), B, T, D, dtype)),
-        Contender("ours Gated DeltaNet", lambda: _module_passes(
-            MemoryMixer(D, H, head_dim, kind="gated_delta", num_memories=0), B, T, D, dtype)),
-        Contender("fla GatedDeltaNet", lambda: _module_passes(_fla("fla.layers").GatedDeltaNet(
-            hidden_size=D, head_dim=head_dim, num_heads=H, expand_v=1), B, T, D, dtype)),
-        Contender(f"SDPA attention ({attn_heads} heads)", lambda: _module_passes(
-            Attention(D, attn_heads), B, T, D, dtype)),
-    ]
-    return Case("layer", f"hidden {D}, {H}x{head_dim} heads", B, T, contenders, reference="fla MomAttention",
-                target=target, memory=True)
-
-
-def decode_case(contexts, dtype) -> Case:
-    """The core of one decoding step: MoM's state update against SDPA over a KV cache (no projections)."""
-    B, H, K, M, active = 8, 4, 256, 5, 3  # 4 routed memories + shared; top-2 + shared updated per token
-
-    def ours():
-        from mom_bench.kernels import memory_step
-
-        S = torch.zeros(B, M, H, K, K, device="cuda")
-        idx = torch.stack([torch.randperm(M - 1, device="cuda")[:2] for _ in range(B)])
-        idx = torch.cat([idx, torch.full((B, 1), M - 1, device="cuda")], 1)  # (B, 3) memories to update
-        q, k, v = (torch.randn(B * active, H, K, device="cuda", dtype=dtype) for _ in range(3))
-        g = -torch.rand(B * active, H, device="cuda")
-        beta = torch.rand(B * active, H, device="cuda", dtype=dtype)
-        flat = (torch.arange(B, device="cuda")[:, None] * M + idx).flatten()
-
-        def step():  # as MemoryMixer.step: gather the selected memories, one step, write them back
-            o, s = memory_step(q, k, v, S.view(B * M, H, K, K).index_select(0, flat), g=g, beta=beta, delta=True,
-                               normalize_qk=True)
-            S.view(B * M, H, K, K).index_copy_(0, flat, s)
-            return o
-
-        return {"step": step}
-
-    def sdpa(n):
-        def build():
-            qh = torch.randn(B, 8, 1, 128, device="cuda", dtype=dtype)
-            kv = [torch.randn(B, 8, n, 128, device="cuda", dtype=dtype) for _ in range(2)]
-            return {"step": lambda: torch.nn.functional.scaled_dot_product_attention(qh, *kv)}
-        return build
-
-    contenders = [Contender("ours MoM step (3 of 5 memories)", ours)]
-    contenders += [Contender(f"SDPA KV cache {n // 1024}K", sdpa(n)) for n in contexts]
-    ref = f"SDPA KV cache {8 if 8192 in contexts else contexts[0] // 1024}K"
-    return Case("decode", "one token, B8, 4x256 state vs 8x128 KV", B, 1, contenders, reference=ref,
-                target="<= 1.0x")
-
-
-def generate_case(contexts, dtype) -> Case:
-    """Per-token decoding latency of whole LMs with a context of n tokens already in their state."""
-    from mom_bench.config import ModelConfig
-    from mom_bench.models import build_model
-
-    B, D, layers, vocab = 8, 1024, 4, 32000
-
-    def lm(mixer, n):
-        def build():
-            heads, hd = (4, 256) if mixer == "mom" else (8, 128)
-            cfg = ModelConfig(mixer=mixer, d_model=D, n_layers=layers, num_heads=heads, head_dim=hd,
-                              mlp="swiglu", mlp_ratio=2.0, embed_dropout=0.0)
-            model = build_model(cfg, vocab).to(device="cuda", dtype=dtype).eval()
-            state = model.init_state(B, "cuda", dtype)
-            if mixer == "attention":  # a KV cache holding n tokens, with room for more (values don't matter)
-                state = [dict(k=torch.randn(B, heads, n + 64, hd, device="cuda", dtype=dtype),
-                              v=torch.randn(B, heads, n + 64, hd, device="cuda", dtype=dtype), len=n)
-                         for _ in state]
-            # Timing repeats the step from the same state: attention's stays at n tokens (its step writes a
-            # slot past `len` and returns a new dict); MoM's memories are updated in place, same cost.
-            token = torch.randint(0, vocab, (B,), device="cuda")
-            return {"step": lambda: model.step(token, state)}
-        return build
-
-    contenders = [Contender(f"{name} LM, context {n // 1024}K", lm(mixer, n))
-                  for n in contexts for mixer, name in (("mom", "ours MoM"), ("attention", "SDPA attention"))]
-    ref = f"SDPA attention LM, context {8 if 8192 in contexts else contexts[0] // 1024}K"
-    return Case("generate", f"{layers} layers, hidden {D}, B{B}, one token", B, 1, contenders, reference=ref,
-                target="flat; faster from 8K")
-
-
-def build_cases(suites, dtype, quick: bool) -> List[Case]:
-    contexts = [1024, 8192] if quick else [1024, 8192, 32768]
-    cases = []
-    if "kernel" in suites:
-        cases += [kernel_case(8, 2048, 4, 256, dtype), kernel_case(8, 2048, 16, 64, dtype)]
-    if "layer" in suites:
-        cases.append(layer_case(8, 2048, 1024, 4, 256, dtype, "<= 0.4x, memory <= 1.0x"))
-        if not quick:
-            cases.append(layer_case(1, 16384, 1024, 4, 256, dtype, "<= 0.4x"))
-        cases.append(layer_case(128, 512, 128, 2, 64, dtype, "<= 0.25x"))
-    if "decode" in suites:
-        cases.append(decode_case(contexts, dtype))
-    if "generate" in suites:
-        cases.append(generate_case(contexts, dtype))
-    return cases
-
-
-# --- running and reporting ---------------------------------------------------------------------------
 class ContenderTimeout(Exception):
     pass
 
@@ -346,15 +152,9 @@ def title(case: Case) -> str:
 def hardware() -> dict:
     import triton
 
-    info = dict(device_name=torch.cuda.get_device_name(), started=time.strftime("%Y%m%d-%H%M%S"), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, python=platform.python_version())
-    try:
-        import fla
-
-        info["fla"] = getattr(fla, "__version__", "?")
-    except ImportError:
-        info["fla"] = None
-    return info
+    return dict(device_name=torch.cuda.get_device_name(), started=time.strftime("%Y%m%d-%H%M%S"),
+                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                python=platform.python_version(), fla=fla_version())
 
 
 def markdown(cases: List[Case], hw: dict, command: str) -> str:
