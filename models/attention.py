@@ -46,7 +46,7 @@ class Attention(nn.Module):
         copying the whole cache (which would double the per-token traffic). Slots past `len` are never
         read, so the state passed in stays valid."""
         q, k, v = (t[:, :, None] for t in self._heads(x))  # (B, H, 1, D)
-        n = state.get("len", state["k"].shape[2])
+        n = state["len"]
         k_buf, v_buf = state["k"], state["v"]
         if n == k_buf.shape[2]:  # full: double the room
             B, H, _, D = k_buf.shape

@@ -15,7 +15,7 @@ only mean something next to each other. Cases (the targets of issue 3 in bracket
     generate  per-token decoding latency of a MoM LM vs an SDPA attention LM with a KV cache, at
               1K / 8K / 32K tokens of context                                 [flat; faster from 8K]
 
-flash-linear-attention is imported only here (and in GPU tests), never by the models. On Hopper with
+flash-linear-attention is imported only in `cases.py` (and in GPU tests), never by the models. On Hopper with
 Triton < 3.7.1 its gated backward refuses to run (its issue 640); the guard is switched off for timing
 only, since the work is the same but its dk is then not trustworthy. A contender that fails (fla not
 installed, out of memory) is reported with its error and the rest goes on.
