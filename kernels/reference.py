@@ -57,7 +57,10 @@ def _check(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"with cu_seqlens the batch size must be 1, got {B}")
-        if cu_seqlens[0] != 0 or cu_seqlens[-1] != T or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+        if cu_seqlens.is_cuda:  # checked on the device: a host check would stall the stream every call
+            torch._assert_async(ok, f"cu_seqlens must rise from 0 to T={T}")
+        elif not ok:
             raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu_seqlens.tolist()}")
         N = len(cu_seqlens) - 1
     if initial_state is not None and initial_state.shape != (N, H, K, v.shape[-1]):
@@ -110,11 +113,13 @@ def recurrent(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None, beta:
     return o, torch.stack(finals)
 
 
-def segment_positions(cu_seqlens: Tensor) -> Tuple[Tensor, Tensor]:
-    """For packed segments: the segment of every token and its position inside that segment."""
+def segment_positions(cu_seqlens: Tensor, total: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """For packed segments: the segment of every token and its position inside that segment. Pass the
+    token count `total` (= cu_seqlens[-1]) when the caller knows it: the device then needs no host sync."""
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
-    seg = torch.repeat_interleave(torch.arange(len(lens), device=cu_seqlens.device), lens)
-    pos = torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - cu_seqlens[seg]
+    total = int(cu_seqlens[-1]) if total is None else total
+    seg = torch.repeat_interleave(torch.arange(len(lens), device=cu_seqlens.device), lens, output_size=total)
+    pos = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[seg]
     return seg, pos
 
 

@@ -46,6 +46,7 @@ import os
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -85,14 +86,15 @@ if INTERPRET:
 
 @triton.jit
 def _chunk_rows(cu, cidx, i_t, BT: tl.constexpr):
-    """Token indices of global chunk i_t, which rows are inside its segment, and its last real token."""
+    """Token indices of global chunk i_t, which rows are inside its segment, its last real token, and
+    whether it has any (the grid is an upper bound on the chunk count: see `_chunk_layout`)."""
     i_n = tl.load(cidx + 2 * i_t)
     i_c = tl.load(cidx + 2 * i_t + 1)
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
     t0 = bos + i_c * BT
     offs = t0 + tl.arange(0, BT)
-    return offs, offs < eos, tl.minimum(t0 + BT, eos) - 1
+    return offs, offs < eos, tl.minimum(t0 + BT, eos) - 1, t0 < eos
 
 
 @triton.jit
@@ -112,11 +114,11 @@ def _store_tile(ptr, x, offs, valid, col0, stride, D: tl.constexpr, BD: tl.const
 
 @triton.jit
 def _load_state(ptr, base, row0, col0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Rows row0 + [0, BK) and columns col0 + [0, BV) of the (K, V) fp32 state at `ptr + base`."""
+    """Rows row0 + [0, BK) and columns col0 + [0, BV) of the (K, V) state at `ptr + base`, as fp32."""
     rk = row0 + tl.arange(0, BK)
     rv = col0 + tl.arange(0, BV)
     mask = (rk[:, None] < K) & (rv[None, :] < V)
-    return tl.load(ptr + base + rk[:, None] * V + rv[None, :], mask=mask, other=0.)
+    return tl.load(ptr + base + rk[:, None] * V + rv[None, :], mask=mask, other=0.).to(tl.float32)
 
 
 @triton.jit
@@ -292,7 +294,9 @@ def _prep_kernel(q, k, v, g, beta, gc, rn, Mqk, Mkk, Ai, w, u, cu, cidx, scale,
     """Per chunk: row norms, G, M = pair(q, k) and for the delta rule pair_strict(k, k), A, W, U; the
     products over K are summed over K blocks."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    offs, valid, t_last = _chunk_rows(cu, cidx, i_t, BT)
+    offs, valid, t_last, live = _chunk_rows(cu, cidx, i_t, BT)
+    if not live:  # a chunk past the real count: nothing to do
+        return
     rows = tl.arange(0, BT)
     if NORM:
         sq = tl.zeros([BT], dtype=tl.float32)
@@ -370,7 +374,7 @@ def _prep_kernel(q, k, v, g, beta, gc, rn, Mqk, Mkk, Ai, w, u, cu, cidx, scale,
 def _state_init(ptr, base, row0, col0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 HAS: tl.constexpr):
     if HAS:
-        x = _load_state(ptr, base, row0, col0, K, V, BK, BV).to(tl.float32)
+        x = _load_state(ptr, base, row0, col0, K, V, BK, BV)
     else:
         x = tl.zeros([BK, BV], dtype=tl.float32)
     return x
@@ -475,7 +479,9 @@ def _o_fwd_kernel(q, v, beta, gc, rn, Mqk, hs, vn, o, cu, cidx, scale,
                   DELTA: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr):
     """o = (q e^G) h + M v_new, the first product summed over K blocks."""
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs, valid, t_last = _chunk_rows(cu, cidx, i_t, BT)
+    offs, valid, t_last, live = _chunk_rows(cu, cidx, i_t, BT)
+    if not live:  # a chunk past the real count: nothing to do
+        return
     hbase = (i_t.to(tl.int64) * H + i_h) * (K * V)
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     for i_k in range(NK):
@@ -624,7 +630,9 @@ def _dv_bwd_kernel(v, beta, gc, Ai, Mkk, vn, do, dvn, dv, dMs, dLs, dbp, cu, cid
     scalar decay already times e^{G_t - G_s}, which the dq/dk kernel would otherwise form (registers
     are short there)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    offs, valid, t_last = _chunk_rows(cu, cidx, i_t, BT)
+    offs, valid, t_last, live = _chunk_rows(cu, cidx, i_t, BT)
+    if not live:  # a chunk past the real count: nothing to do
+        return
     rows = tl.arange(0, BT)
     b = _load_beta(beta, offs, valid, H, i_h, HAS_BETA)
     dM = tl.zeros([BT, BT], dtype=tl.float32)
@@ -682,7 +690,9 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, hs, vn, do, dhs, dvn, dMs, dLs, dbp, 
     part. Under NORM the gradient wrt raw q needs sum_k qn dqn over the whole row: with several K blocks
     the normalised-space gradients go through fp32 scratch (dq32, dk32) and a second pass."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    offs, valid, t_last = _chunk_rows(cu, cidx, i_t, BT)
+    offs, valid, t_last, live = _chunk_rows(cu, cidx, i_t, BT)
+    if not live:  # a chunk past the real count: nothing to do
+        return
     hbase = (i_t.to(tl.int64) * H + i_h) * (K * V)
     b = _load_beta(beta, offs, valid, H, i_h, HAS_BETA)
     rq = _row_factor(rn, offs, valid, i_h, H, 0, NORM)
@@ -894,16 +904,21 @@ def _config(K: int, V: int, chunk_size: int) -> dict:
     return cfg
 
 
-def _chunk_layout(cu: Tensor, BT: int) -> Tuple[Tensor, Tensor, int]:
-    """For packed segments: (chunk index (NT, 2) int32 of (segment, chunk in segment), chunk offset of
-    every segment (N + 1) int32, NT). One host sync: the grid size needs NT."""
-    lens = (cu[1:] - cu[:-1]).cpu().long()
-    nt = (lens + BT - 1) // BT
-    coff = torch.cat([nt.new_zeros(1), nt.cumsum(0)])
-    NT = int(coff[-1])
-    seg = torch.repeat_interleave(torch.arange(len(nt)), nt)
-    cidx = torch.stack([seg, torch.arange(NT) - coff[seg]], 1)
-    return cidx.to(cu.device, torch.int32).contiguous(), coff.to(cu.device, torch.int32), NT
+def _chunk_layout(cu: Tensor, BT: int, total: int) -> Tuple[Tensor, Tensor, int]:
+    """For packed segments of `total` tokens: (chunk index (NT, 2) int32 of (segment, chunk in segment),
+    chunk offset of every segment (N + 1) int32, NT).
+
+    Built on the device with no host sync (a sync per call would stall the stream: the MoM layer is
+    launch-bound at small sizes). NT is therefore the bound cdiv(total, BT) + N rather than the count:
+    chunks past the real ones point past the end of the last segment, and their programs return."""
+    N = len(cu) - 1
+    NT = triton.cdiv(total, BT) + N
+    lens = (cu[1:] - cu[:-1]).long()
+    coff = F.pad(((lens + BT - 1) // BT).cumsum(0), (1, 0))
+    chunk = torch.arange(NT, device=cu.device)
+    seg = torch.searchsorted(coff[1:], chunk, right=True).clamp_(max=max(N - 1, 0))
+    cidx = torch.stack([seg, chunk - coff[seg]], 1) if N else chunk.new_zeros(NT, 2)
+    return cidx.to(torch.int32), coff.to(torch.int32), NT
 
 
 class _Plan:
@@ -919,7 +934,11 @@ class _Plan:
             cu_seqlens = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
         self.cu = cu_seqlens.to(q.device, torch.int32).contiguous()
         self.N = len(self.cu) - 1
-        self.cidx, self.coff, self.NT = _chunk_layout(self.cu, self.BT)
+        self.cidx, self.coff, self.NT = _chunk_layout(self.cu, self.BT, B * T)
+        # What the passes store between kernels (states, W, U, v_new and their gradients): 16-bit inputs
+        # keep them in bf16, as they keep their inputs (half the memory and traffic; every product still
+        # runs on fp32 operands and accumulates in fp32); fp32 inputs keep fp32.
+        self.work = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
         self.decay = 0 if g is None else (2 if g.dim() == 4 else 1)
         self.has_beta, self.delta, self.norm = beta is not None, bool(delta), bool(normalize_qk)
         self.scale = float(K ** -0.5 if scale is None else scale)
@@ -947,11 +966,12 @@ def _forward_states(p: _Plan, q, k, v, g, beta, h0) -> dict:
     TT, H, K, V, BT = p.B * p.T, p.H, p.K, p.V, p.BT
     dev, f32 = k.device, torch.float32
     new = lambda *shape: torch.empty(*shape, device=dev, dtype=f32)
+    work = lambda *shape: torch.empty(*shape, device=dev, dtype=p.work)
     s = dict(gc=(new(TT, H, K) if p.decay == 2 else new(TT, H)) if p.decay else None,
              rn=new(TT, H, 2) if p.norm else None, Mqk=new(TT, H, BT),
              Mkk=new(TT, H, BT) if p.delta else None, Ai=new(TT, H, BT) if p.delta else None,
-             w=new(TT, H, K) if p.delta else None, u=new(TT, H, V) if p.delta else None,
-             vn=new(TT, H, V) if p.delta else None, hs=new(p.NT, H, K, V), ht=new(p.N, H, K, V))
+             w=work(TT, H, K) if p.delta else None, u=work(TT, H, V) if p.delta else None,
+             vn=work(TT, H, V) if p.delta else None, hs=work(p.NT, H, K, V), ht=new(p.N, H, K, V))
     x = k  # stands in for pointers a switch leaves unused
     o = {n: _or(t, x) for n, t in s.items()}
     if p.NT:
@@ -963,6 +983,7 @@ def _forward_states(p: _Plan, q, k, v, g, beta, h0) -> dict:
         k, v, _or(beta, x), o["gc"], o["rn"], o["w"], o["u"], _or(h0, x), s["hs"], o["vn"], s["ht"], p.cu,
         p.coff, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_BETA=p.has_beta, HAS_H0=h0 is not None,
         **p.switches(), **p.launch("_h"))
+    s["u"] = None  # read by the sequential pass only
     return s
 
 
@@ -1004,13 +1025,14 @@ class ChunkMemoryFunction(torch.autograd.Function):
         x = fk
         o = {n: _or(t, x) for n, t in s.items()}
         dhs = torch.empty_like(s["hs"])
-        dvn = torch.empty(TT, H, V, device=dev, dtype=f32)
+        dvn = torch.empty(TT, H, V, device=dev, dtype=p.work)
         dh0 = torch.empty(p.N, H, K, V, device=dev, dtype=f32) if h0 is not None else None
         _dh_bwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
             fq, fk, o["gc"], o["rn"], s["Mqk"], o["w"], do, _or(dht, x), dhs, dvn, _or(dh0, x), p.cu, p.coff,
             p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_DHT=dht is not None,
             HAS_H0=h0 is not None,
             **p.switches(), **p.launch("_h"))
+        s["w"] = s["Mqk"] = o["w"] = o["Mqk"] = None  # read by the reverse pass only: free them early
         dq, dk, dv = torch.empty_like(fq), torch.empty_like(fk), torch.empty_like(fv)
         dg = torch.empty_like(fg) if fg is not None else None
         db = torch.empty_like(fb) if fb is not None else None

@@ -22,33 +22,33 @@ Tensor = torch.Tensor
 
 
 @triton.jit
-def _pre(x, w, b, pos_r, rows, cols, N, C, W: tl.constexpr):
-    """The convolution before the SiLU for a (rows, cols) tile, in fp32."""
+def _pre(x, sx, w, b, pos_r, rows, cols, N, C, W: tl.constexpr):
+    """The convolution before the SiLU for a (rows, cols) tile, in fp32; x's rows are sx apart."""
     cmask = cols < C
     acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
     acc += tl.load(b + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     for j in tl.static_range(W):
         src = rows - j
         ok = (rows < N) & (src >= 0) & (pos_r >= j)
-        xt = tl.load(x + src[:, None] * C + cols[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+        xt = tl.load(x + src[:, None] * sx + cols[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
         wj = tl.load(w + cols * W + (W - 1 - j), mask=cmask, other=0.0).to(tl.float32)
         acc += xt.to(tl.float32) * wj[None, :]
     return acc
 
 
 @triton.jit
-def _fwd_kernel(x, w, b, pos, y, N, C, W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+def _fwd_kernel(x, sx, w, b, pos, y, N, C, W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     pos_r = tl.load(pos + rows, mask=rows < N, other=0)
-    pre = _pre(x, w, b, pos_r, rows, cols, N, C, W)
+    pre = _pre(x, sx, w, b, pos_r, rows, cols, N, C, W)
     out = pre * tl.sigmoid(pre)
     tl.store(y + rows[:, None] * C + cols[None, :], out.to(y.dtype.element_ty),
              mask=(rows < N)[:, None] & (cols < C)[None, :])
 
 
 @triton.jit
-def _dpre_kernel(x, w, b, pos, dy, dpre, dw_part, db_part, N, C, W: tl.constexpr, BN: tl.constexpr,
+def _dpre_kernel(x, sx, w, b, pos, dy, dpre, dw_part, db_part, N, C, W: tl.constexpr, BN: tl.constexpr,
                  BC: tl.constexpr):
     """dpre = dy * silu'(pre), and this row block's share of dw and db (summed over blocks on the host)."""
     i_n = tl.program_id(0)
@@ -56,7 +56,7 @@ def _dpre_kernel(x, w, b, pos, dy, dpre, dw_part, db_part, N, C, W: tl.constexpr
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     rmask, cmask = rows < N, cols < C
     pos_r = tl.load(pos + rows, mask=rmask, other=0)
-    pre = _pre(x, w, b, pos_r, rows, cols, N, C, W)
+    pre = _pre(x, sx, w, b, pos_r, rows, cols, N, C, W)
     sig = tl.sigmoid(pre)
     g = tl.load(dy + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
     d = g.to(tl.float32) * sig * (1 + pre * (1 - sig))
@@ -65,7 +65,7 @@ def _dpre_kernel(x, w, b, pos, dy, dpre, dw_part, db_part, N, C, W: tl.constexpr
     for j in tl.static_range(W):
         src = rows - j
         ok = rmask & (src >= 0) & (pos_r >= j)
-        xt = tl.load(x + src[:, None] * C + cols[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+        xt = tl.load(x + src[:, None] * sx + cols[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
         tl.store(dw_part + (i_n * C + cols) * W + (W - 1 - j), tl.sum(d * xt.to(tl.float32), 0), mask=cmask)
 
 
@@ -94,12 +94,15 @@ def _grid(N: int, C: int):
 class ShortConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, pos):
-        x, weight, bias, pos = x.contiguous(), weight.contiguous(), bias.contiguous(), pos.contiguous()
+        # x may be a column block of a wider array (the MoM projections are one product): rows may be
+        # any distance apart, but each row must be contiguous.
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        weight, bias, pos = weight.contiguous(), bias.contiguous(), pos.contiguous()
         N, C = x.shape
-        y = torch.empty_like(x)
+        y = x.new_empty(x.shape)  # contiguous, whatever the layout of x
         BN, BC, grid = _grid(N, C)
         if N:
-            _fwd_kernel[grid](x, weight, bias, pos, y, N, C, weight.shape[1], BN, BC)
+            _fwd_kernel[grid](x, x.stride(0), weight, bias, pos, y, N, C, weight.shape[1], BN, BC)
         ctx.save_for_backward(x, weight, bias, pos)
         return y
 
@@ -112,9 +115,9 @@ class ShortConvFunction(torch.autograd.Function):
         dpre = torch.empty(N, C, device=x.device, dtype=torch.float32)
         dw_part = torch.zeros(grid[0], C, W, device=x.device, dtype=torch.float32)
         db_part = torch.zeros(grid[0], C, device=x.device, dtype=torch.float32)
-        dx = torch.empty_like(x)
+        dx = x.new_empty(x.shape)
         if N:
-            _dpre_kernel[grid](x, weight, bias, pos, dy.contiguous(), dpre, dw_part, db_part, N, C, W, BN, BC)
+            _dpre_kernel[grid](x, x.stride(0), weight, bias, pos, dy.contiguous(), dpre, dw_part, db_part, N, C, W, BN, BC)
             _dx_kernel[grid](weight, pos, dpre, dx, N, C, W, BN, BC)
         return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype), None
 

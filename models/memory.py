@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,16 @@ from ..kernels import memory_op, memory_step, segment_positions
 from .layers import GatedHeadNorm, ShortConv, inverse_softplus, upcast
 
 Tensor = torch.Tensor
+
+
+class Pairs(NamedTuple):
+    """A batch's (token, memory) pairs, packed (see `MemoryMixer._layout`)."""
+    tok: Tensor  # (P,) the token of every pair
+    cu: Tensor  # (M * B + 1,) cu_seqlens of the (memory, sequence) segments
+    sizes: List[int]  # pairs per memory, on the host
+    slots: Tensor  # (B * T, A) the pairs of every token: its top-k routed memories, then the shared one
+    weight: Tensor  # (B * T, A) their output weights
+    aux: Tensor  # the load-balancing loss
 
 
 @dataclass(frozen=True)
@@ -74,12 +84,12 @@ class MemoryMixer(nn.Module):
         def per_memory(out: int) -> nn.Parameter:  # (M, D, out), initialised like nn.Linear
             return nn.Parameter(torch.empty(M, D, out).uniform_(-D ** -0.5, D ** -0.5))
 
-        self.q_proj = nn.Linear(D, H * K, bias=False)
-        self.w_k, self.w_v = per_memory(H * K), per_memory(H * V)
-        if self.kind.decay or self.kind.beta == "dt":
-            self.w_a = per_memory(H * K if self.kind.decay == "channel" else H)
-        if self.kind.beta == "sigmoid":
-            self.w_b = per_memory(H)
+        # Every input projection of a memory is one matrix, columns q | k | v | a (decay or step size) |
+        # b (write strength), so a memory's tokens take one product; q's columns are shared by all memories.
+        n_a = (H * K if self.kind.decay == "channel" else H) if self.kind.decay or self.kind.beta == "dt" else 0
+        self.widths = (H * K, H * K, H * V, n_a, H if self.kind.beta == "sigmoid" else 0)
+        self.w_q = nn.Parameter(torch.empty(D, H * K).uniform_(-D ** -0.5, D ** -0.5))
+        self.w_in = per_memory(sum(self.widths[1:]))
         if self.kind.decay == "head":  # Mamba-style decay parameters, shared by all memories
             self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
             dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
@@ -99,12 +109,14 @@ class MemoryMixer(nn.Module):
         weight, index = probs.topk(self.topk, -1)
         return probs, weight / weight.sum(-1, keepdim=True), index
 
-    def _project(self, x: Tensor, m: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Memory m's key, value and gate pre-activation for tokens x (N, D)."""
-        k, v = x @ self.w_k[m].to(x.dtype), x @ self.w_v[m].to(x.dtype)
-        a = x @ self.w_a[m].to(x.dtype) if hasattr(self, "w_a") else None
-        b = x @ self.w_b[m].to(x.dtype) if hasattr(self, "w_b") else None
-        return k, v, a, b
+    def _in_weights(self, dtype) -> Tensor:
+        """(M, D, q|k|v|a|b columns): every memory's input projection."""
+        return torch.cat([self.w_q.expand(self.M, *self.w_q.shape), self.w_in], -1).to(dtype)
+
+    def _split(self, proj: Tensor) -> Tuple[Tensor, ...]:
+        """q, k, v, a, b from projected rows (one autograd node, whose backward is one concatenation); an
+        input the kind does not use is None."""
+        return tuple(t if t.shape[-1] else None for t in proj.split(self.widths, -1))
 
     def _gates(self, a: Optional[Tensor], b: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """Log decay g and write strength beta from the projections, per token (..., H) or (..., H, K)."""
@@ -126,32 +138,40 @@ class MemoryMixer(nn.Module):
         return self.out(self.norm(o.to(x.dtype), self.gate(x)))
 
     # --- training: packed segments, one core call -----------------------------------------------
-    def _layout(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Packed (token, memory) pairs: token index, weight, cu_seqlens, per-memory token counts, aux."""
+    def _layout(self, x: Tensor) -> "Pairs":
+        """The (token, memory) pairs of a batch, packed: routed pairs grouped by memory, then sequence,
+        then time, then the shared memory's (every token, in order). One host sync, for the per-memory
+        pair counts (the projections need them as sizes); everything else stays on the device."""
         B, T, _ = x.shape
-        dev = x.device
-        tok_parts, w_parts, seg_counts = [], [], []
+        BT, dev = B * T, x.device
+        tok = torch.arange(BT, device=dev)
+        slots, weights, sizes = [], [], []
         aux = x.new_zeros((), dtype=torch.float32)
+        counts = tok.new_zeros(0)
         if self.routed:
             E = self.routed
             probs, weight, index = self._route(x)
-            tok = torch.arange(B * T, device=dev).repeat_interleave(self.topk)
+            pair_tok = tok.repeat_interleave(self.topk)
             mem = index.reshape(-1)
-            order = torch.sort(mem * (B * T) + tok, stable=True).indices  # memory, then sequence, then time
-            tok_parts.append(tok[order])
-            w_parts.append(weight.reshape(-1)[order])
-            seg_counts.append(torch.bincount(mem[order] * B + tok[order] // T, minlength=E * B))
+            order = torch.sort(mem * BT + pair_tok, stable=True).indices  # memory, then sequence, then time
+            tok = torch.cat([pair_tok[order], tok]) if self.shared else pair_tok[order]
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(len(order), device=dev)  # packed index of each (token, k) slot
+            slots.append(inverse.view(BT, self.topk))
+            weights.append(weight.reshape(BT, self.topk))
+            counts = tok.new_zeros(E * B).index_add_(0, mem * B + pair_tok // T, torch.ones_like(mem))
+            per_memory = counts.view(E, B).sum(1)
+            sizes = per_memory.tolist()  # the one host sync
             # Switch/Mixtral load balancing: E * sum_e (fraction of routed slots to e) * (mean prob of e)
-            frac = torch.bincount(mem, minlength=E).float() / mem.numel()
-            aux = self.aux_loss_coef * E * (frac * probs.reshape(-1, E).mean(0)).sum()
+            aux = self.aux_loss_coef * E * (per_memory.float() / mem.numel() * probs.reshape(-1, E).mean(0)).sum()
         if self.shared:
-            tok_parts.append(torch.arange(B * T, device=dev))
-            w_parts.append(torch.ones(B * T, device=dev, dtype=upcast(x).dtype))
-            seg_counts.append(torch.full((B,), T, device=dev, dtype=torch.long))
-        counts = torch.cat(seg_counts)
+            n_routed = BT * self.topk if self.routed else 0
+            slots.append(torch.arange(BT, device=dev)[:, None] + n_routed)
+            weights.append(torch.ones(BT, 1, device=dev, dtype=upcast(x).dtype))
+            counts = torch.cat([counts, counts.new_full((B,), T)])
+            sizes.append(BT)
         cu = F.pad(counts.cumsum(0), (1, 0))
-        per_memory = counts.view(self.M, B).sum(1)
-        return torch.cat(tok_parts), torch.cat(w_parts), cu, per_memory, aux
+        return Pairs(tok, cu, sizes, torch.cat(slots, 1), torch.cat(weights, 1), aux)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         y, aux, _ = self._parallel(x, want_state=False)
@@ -166,16 +186,20 @@ class MemoryMixer(nn.Module):
     def _parallel(self, x: Tensor, want_state: bool) -> Tuple[Tensor, Tensor, Optional[Dict[str, Tensor]]]:
         B, T, D = x.shape
         H, K, V = self.H, self.K, self.V
-        tok, weight, cu, per_memory, aux = self._layout(x)
-        _, pos = segment_positions(cu)
         xf = x.reshape(B * T, D)
-        if self.routed:  # (token, memory) pairs, grouped by memory: gather (its backward is an index_add)
-            xp, q_in = xf.index_select(0, tok), self.q_proj(xf).index_select(0, tok)
-            edges = F.pad(per_memory.cumsum(0), (1, 0)).tolist()  # each memory's tokens are contiguous
-            parts = [self._project(xp[edges[m]:edges[m + 1]], m) for m in range(self.M)]
-            k_in, v_in, a, b = (torch.cat(p) if p[0] is not None else None for p in zip(*parts))
+        w = self._in_weights(x.dtype)
+        if self.routed:  # gather each memory's tokens (the backward is an index_add), one product each
+            pairs = self._layout(x)
+            cu, aux = pairs.cu, pairs.aux
+            routed = xf.index_select(0, pairs.tok[:sum(pairs.sizes[:self.routed])])
+            parts = [xm @ w[m] for m, xm in enumerate(routed.split(pairs.sizes[:self.routed]))]
+            proj = torch.cat(parts + [xf @ w[-1]] if self.shared else parts)
         else:  # one memory over every token in order: the pairs are the tokens themselves
-            q_in, (k_in, v_in, a, b) = self.q_proj(xf), self._project(xf, 0)
+            cu = torch.arange(B + 1, device=x.device) * T
+            aux = x.new_zeros((), dtype=torch.float32)
+            proj = xf @ w[0]
+        _, pos = segment_positions(cu, len(proj))
+        q_in, k_in, v_in, a, b = self._split(proj)
         q, k, v = self._conv(0, q_in, pos), self._conv(1, k_in, pos), self._conv(2, v_in, pos)
         g, beta = self._gates(a, b)
         heads = lambda t, d: t.unflatten(-1, (H, d))[None]
@@ -185,12 +209,10 @@ class MemoryMixer(nn.Module):
         o = o[0]
         if self.kind.skip:
             o = upcast(o) + self.D_skip[:, None] * upcast(v).unflatten(-1, (H, V))
-        if self.routed:  # weighted sum over each token's memories, in fp32
-            out = torch.zeros(B * T, H, V, device=x.device, dtype=upcast(o).dtype)
-            out.index_add_(0, tok, upcast(o) * weight[:, None, None])
-        else:
-            out = o
-        y = self._finish(out.view(B, T, H, V), x)
+        if self.routed:  # each token's memories, weighted: a gather of its pairs and one small product
+            picked = o.flatten(1).index_select(0, pairs.slots.flatten()).view(B * T, pairs.slots.shape[1], -1)
+            o = torch.bmm(pairs.weight[:, None].to(picked.dtype), picked)
+        y = self._finish(o.view(B, T, H, V), x)
         if not want_state:
             return y, aux, None
         # Segments are ordered memory-major (memory, sequence): M * B of them, some possibly empty, whose
@@ -236,10 +258,7 @@ class MemoryMixer(nn.Module):
         read = lambda t: t.flatten(0, 1).index_select(0, flat)  # (B, M, ...) -> the selected (B * A, ...)
         write = lambda t, new: t.view(-1, *t.shape[2:]).index_copy_(0, flat, new.to(t.dtype))  # in place
         # Every memory's projections in one batched product (each weight is read once), then the selected.
-        proj = lambda w: read(torch.einsum("bd,mdn->bmn", x, w.to(x.dtype))) if w is not None else None
-        k, v = proj(self.w_k), proj(self.w_v)
-        a, b = proj(getattr(self, "w_a", None)), proj(getattr(self, "w_b", None))
-        q = self.q_proj(x).repeat_interleave(A, 0)
+        q, k, v, a, b = self._split(read(torch.einsum("bd,mdn->bmn", x, self._in_weights(x.dtype))))
         if self.convs is not None:
             convolved = []
             for i, (conv, t) in enumerate(zip(self.convs, (q, k, v))):
@@ -254,7 +273,7 @@ class MemoryMixer(nn.Module):
         write(state["S"], S)
         o = upcast(o).view(B, A, H, V)
         if self.kind.skip:
-            o = o + self.D_skip[:, None] * upcast(v).view(B, A, H, V)
+            o = o + self.D_skip[:, None] * upcast(v).reshape(B, A, H, V)
         return self._finish((weight[:, :, None, None] * o).sum(1), x), state
 
     def state_size(self, seq_len: int) -> Dict[str, int]:

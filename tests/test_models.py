@@ -52,10 +52,17 @@ def test_mom_groups_pairs_by_memory_then_sequence_then_time():
     mixer = build_mixer("mom", config())
     B, T = 3, 50
     x = torch.randn(B, T, 24)
-    tok, weight, cu, per_memory, _ = mixer._layout(x)
-    _, _, index = mixer._route(x)
-    assert per_memory.tolist()[:4] == [int((index == e).sum()) for e in range(4)]
+    pairs = mixer._layout(x)
+    tok, cu, per_memory = pairs.tok, pairs.cu, pairs.sizes
+    _, weight, index = mixer._route(x)
+    assert per_memory[:4] == [int((index == e).sum()) for e in range(4)]
     assert per_memory[4] == B * T  # the shared memory sees every token
+    # Every token's slots point at its own pairs: its top-2 memories' segments, then the shared one's.
+    segment_memory = torch.arange(5).repeat_interleave(B)  # segments are (memory, sequence), memory-major
+    pair_memory = segment_memory.repeat_interleave(cu[1:] - cu[:-1])
+    assert torch.equal(tok[pairs.slots], torch.arange(B * T)[:, None].expand(-1, 3))
+    assert torch.equal(pair_memory[pairs.slots], torch.cat([index.reshape(-1, 2), torch.full((B * T, 1), 4)], 1))
+    assert torch.equal(pairs.weight[:, :2], weight.reshape(-1, 2)) and (pairs.weight[:, 2] == 1).all()
     for n in range(len(cu) - 1):
         seg = tok[cu[n]:cu[n + 1]]
         assert (seg[1:] > seg[:-1]).all(), "tokens of one segment must be in time order"

@@ -16,14 +16,22 @@ from mom_bench.kernels.triton_conv import short_conv  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run(fn, x, w, b, pos, dy):
+def run(fn, x, w, b, pos, dy, pad=0):
+    """fn's output and gradients; with pad, x is read as a column block of a wider array (rows further
+    apart than C), as the MoM layer passes its projections."""
+    if pad:
+        x = torch.cat([torch.randn(len(x), pad, dtype=x.dtype, device=x.device), x, x[:, :pad]], 1)
     x, w, b = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
-    y = fn(x, w, b, pos)
+    C = w.shape[0]
+    y = fn(x[:, pad:pad + C] if pad else x, w, b, pos)
     y.backward(dy)
-    return y, x.grad, w.grad, b.grad
+    if pad:
+        others = torch.cat([x.grad[:, :pad], x.grad[:, pad + C:]], 1)
+        assert not others.any(), "the gradient must reach only the block that was read"
+    return y, x.grad[:, pad:pad + C], w.grad, b.grad
 
 
-def check(lengths, C, W, dtype=torch.float32, tol=1e-5):
+def check(lengths, C, W, dtype=torch.float32, tol=1e-5, pad=0):
     torch.manual_seed(sum(lengths) + C)
     cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0)
     _, pos = segment_positions(cu)
@@ -33,7 +41,7 @@ def check(lengths, C, W, dtype=torch.float32, tol=1e-5):
     b = torch.randn(C, device=DEVICE)
     dy = torch.randn(N, C, device=DEVICE, dtype=dtype)
     ref = run(reference.short_conv, x.double(), w.double(), b.double(), pos, dy.double())
-    got = run(short_conv, x, w, b, pos, dy)
+    got = run(short_conv, x, w, b, pos, dy, pad)
     for name, r, g in zip(("y", "dx", "dw", "db"), ref, got):
         assert g.dtype == (dtype if name in ("y", "dx") else torch.float32)
         torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol, msg=name)
@@ -45,8 +53,13 @@ def test_short_conv_matches_reference(lengths, C, W):
     check(lengths, C, W)
 
 
+def test_short_conv_reads_a_column_block_of_a_wider_array():
+    check([5, 0, 1, 70], 20, 4, pad=3)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_gpu_short_conv(dtype, tol):
     check([1000, 0, 1, 3, 4096, 63, 64], 1024, 4, dtype, tol)
+    check([1000, 0, 1, 3, 4096, 63, 64], 1024, 4, dtype, tol, pad=1024)
