@@ -41,7 +41,25 @@ class Pairs(NamedTuple):
     sizes: List[int]  # pairs per memory, on the host
     slots: Tensor  # (B * T, A) the pairs of every token: its top-k routed memories, then the shared one
     weight: Tensor  # (B * T, A) their output weights
+    pair_slot: Tensor  # (P, 1) the inverse of slots: where each pair's output goes in slots.flatten()
     aux: Tensor  # the load-balancing loss
+
+
+class _Gather(torch.autograd.Function):
+    """Rows x[index], where every row of x is copied to exactly the r rows that inverse (len(x), r) lists.
+    The backward is then a gather and a sum over r: deterministic, and much faster than index_select's
+    atomic index_add in bf16."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        rows = grad.index_select(0, inverse.flatten()).view(*inverse.shape, *grad.shape[1:])
+        return (rows[:, 0] if inverse.shape[1] == 1 else rows.sum(1)), None, None
 
 
 @dataclass(frozen=True)
@@ -145,7 +163,8 @@ class MemoryMixer(nn.Module):
         B, T, _ = x.shape
         BT, dev = B * T, x.device
         tok = torch.arange(BT, device=dev)
-        slots, weights, sizes = [], [], []
+        slots, weights, sizes, pair_slot = [], [], [], []
+        A = self.topk * bool(self.routed) + int(self.shared)
         aux = x.new_zeros((), dtype=torch.float32)
         counts = tok.new_zeros(0)
         if self.routed:
@@ -158,6 +177,7 @@ class MemoryMixer(nn.Module):
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(len(order), device=dev)  # packed index of each (token, k) slot
             slots.append(inverse.view(BT, self.topk))
+            pair_slot.append(order // self.topk * A + order % self.topk)
             weights.append(weight.reshape(BT, self.topk))
             counts = tok.new_zeros(E * B).index_add_(0, mem * B + pair_tok // T, torch.ones_like(mem))
             per_memory = counts.view(E, B).sum(1)
@@ -167,11 +187,13 @@ class MemoryMixer(nn.Module):
         if self.shared:
             n_routed = BT * self.topk if self.routed else 0
             slots.append(torch.arange(BT, device=dev)[:, None] + n_routed)
+            pair_slot.append(torch.arange(BT, device=dev) * A + A - 1)
             weights.append(torch.ones(BT, 1, device=dev, dtype=upcast(x).dtype))
             counts = torch.cat([counts, counts.new_full((B,), T)])
             sizes.append(BT)
         cu = F.pad(counts.cumsum(0), (1, 0))
-        return Pairs(tok, cu, sizes, torch.cat(slots, 1), torch.cat(weights, 1), aux)
+        slots = torch.cat(slots, 1)
+        return Pairs(tok, cu, sizes, slots, torch.cat(weights, 1), torch.cat(pair_slot)[:, None], aux)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         y, aux, _ = self._parallel(x, want_state=False)
@@ -188,10 +210,10 @@ class MemoryMixer(nn.Module):
         H, K, V = self.H, self.K, self.V
         xf = x.reshape(B * T, D)
         w = self._in_weights(x.dtype)
-        if self.routed:  # gather each memory's tokens (the backward is an index_add), one product each
+        if self.routed:  # gather each memory's tokens, one product each
             pairs = self._layout(x)
             cu, aux = pairs.cu, pairs.aux
-            routed = xf.index_select(0, pairs.tok[:sum(pairs.sizes[:self.routed])])
+            routed = _Gather.apply(xf, pairs.tok[:B * T * self.topk], pairs.slots[:, :self.topk])
             parts = [xm @ w[m] for m, xm in enumerate(routed.split(pairs.sizes[:self.routed]))]
             proj = torch.cat(parts + [xf @ w[-1]] if self.shared else parts)
         else:  # one memory over every token in order: the pairs are the tokens themselves
@@ -209,9 +231,9 @@ class MemoryMixer(nn.Module):
         o = o[0]
         if self.kind.skip:
             o = upcast(o) + self.D_skip[:, None] * upcast(v).unflatten(-1, (H, V))
-        if self.routed:  # each token's memories, weighted: a gather of its pairs and one small product
-            picked = o.flatten(1).index_select(0, pairs.slots.flatten()).view(B * T, pairs.slots.shape[1], -1)
-            o = torch.bmm(pairs.weight[:, None].to(picked.dtype), picked)
+        if self.routed:  # each token's memories, weighted, summed in fp32
+            picked = _Gather.apply(o.flatten(1), pairs.slots.flatten(), pairs.pair_slot)
+            o = (picked.view(B * T, pairs.slots.shape[1], -1) * pairs.weight[..., None]).sum(1)
         y = self._finish(o.view(B, T, H, V), x)
         if not want_state:
             return y, aux, None

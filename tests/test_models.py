@@ -4,6 +4,7 @@ import torch
 
 from mom_bench.config import ModelConfig
 from mom_bench.models import MIXERS, build_mixer, build_model
+from mom_bench.models.memory import _Gather
 
 VOCAB = 40
 CASES = {name: dict(mixer=name) for name in MIXERS}
@@ -63,6 +64,7 @@ def test_mom_groups_pairs_by_memory_then_sequence_then_time():
     assert torch.equal(tok[pairs.slots], torch.arange(B * T)[:, None].expand(-1, 3))
     assert torch.equal(pair_memory[pairs.slots], torch.cat([index.reshape(-1, 2), torch.full((B * T, 1), 4)], 1))
     assert torch.equal(pairs.weight[:, :2], weight.reshape(-1, 2)) and (pairs.weight[:, 2] == 1).all()
+    assert torch.equal(pairs.slots.flatten()[pairs.pair_slot[:, 0]], torch.arange(len(tok)))
     for n in range(len(cu) - 1):
         seg = tok[cu[n]:cu[n + 1]]
         assert (seg[1:] > seg[:-1]).all(), "tokens of one segment must be in time order"
@@ -70,6 +72,21 @@ def test_mom_groups_pairs_by_memory_then_sequence_then_time():
             assert (seg // T == n % B).all(), "one segment holds one sequence"
     routed = tok[: cu[4 * B]]
     assert torch.equal(torch.sort(routed).values, torch.arange(B * T).repeat_interleave(2))
+
+
+def test_mom_gathers_have_index_select_gradients():
+    """The layer's two gathers (tokens to pairs, pairs to tokens' slots) backpropagate as index_select."""
+    torch.manual_seed(4)
+    mixer = build_mixer("mom", config())
+    pairs = mixer._layout(torch.randn(2, 9, 24))
+    n_routed = 2 * 9 * 2
+    for index, inverse, rows in ((pairs.tok[:n_routed], pairs.slots[:, :2], 18),
+                                 (pairs.slots.flatten(), pairs.pair_slot, len(pairs.tok))):
+        x = torch.randn(rows, 5, dtype=torch.float64, requires_grad=True)
+        g = torch.randn(len(index), 5, dtype=torch.float64)
+        got, = torch.autograd.grad(_Gather.apply(x, index, inverse), x, g)
+        want, = torch.autograd.grad(x.index_select(0, index), x, g)
+        torch.testing.assert_close(got, want)
 
 
 def test_mom_layer_equals_memories_run_one_by_one():
