@@ -131,10 +131,11 @@ class MemoryMixer(nn.Module):
         """(M, D, q|k|v|a|b columns): every memory's input projection."""
         return torch.cat([self.w_q.expand(self.M, *self.w_q.shape), self.w_in], -1).to(dtype)
 
-    def _split(self, proj: Tensor) -> Tuple[Tensor, ...]:
-        """q, k, v, a, b from projected rows (one autograd node, whose backward is one concatenation); an
-        input the kind does not use is None."""
-        return tuple(t if t.shape[-1] else None for t in proj.split(self.widths, -1))
+    def _split(self, proj: Tensor, with_q: bool = True) -> Tuple[Tensor, ...]:
+        """q, k, v, a, b (or k, v, a, b) from projected rows (one autograd node, whose backward is one
+        concatenation); an input the kind does not use is None."""
+        widths = self.widths if with_q else self.widths[1:]
+        return tuple(t if t.shape[-1] else None for t in proj.split(widths, -1))
 
     def _gates(self, a: Optional[Tensor], b: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """Log decay g and write strength beta from the projections, per token (..., H) or (..., H, K)."""
@@ -279,8 +280,10 @@ class MemoryMixer(nn.Module):
         flat = (torch.arange(B, device=x.device)[:, None] * self.M + sel).flatten()  # rows of (B * M, ...)
         read = lambda t: t.flatten(0, 1).index_select(0, flat)  # (B, M, ...) -> the selected (B * A, ...)
         write = lambda t, new: t.view(-1, *t.shape[2:]).index_copy_(0, flat, new.to(t.dtype))  # in place
-        # Every memory's projections in one batched product (each weight is read once), then the selected.
-        q, k, v, a, b = self._split(read(torch.einsum("bd,mdn->bmn", x, self._in_weights(x.dtype))))
+        # Every memory's projections in one batched product (each weight is read once), then the selected;
+        # q, the same for every memory, once.
+        q = (x @ self.w_q.to(x.dtype)).repeat_interleave(A, 0)
+        k, v, a, b = self._split(read(torch.einsum("bd,mdn->bmn", x, self.w_in.to(x.dtype))), with_q=False)
         if self.convs is not None:
             convolved = []
             for i, (conv, t) in enumerate(zip(self.convs, (q, k, v))):
