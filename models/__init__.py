@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .attention import Attention
 from .layers import SwiGLU
-from .lm import LanguageModel
+from .lm import GraphedDecoder, LanguageModel
 from .memory import KINDS, MemoryMixer
 
 MIXERS: Dict[str, Callable[..., nn.Module]] = {
@@ -48,4 +48,5 @@ def build_model(cfg, vocab_size: int) -> LanguageModel:
     return LanguageModel(vocab_size, cfg.d_model, [build_mixer(n, cfg) for n in pattern], mlp, cfg.embed_dropout)
 
 
-__all__ = ["MIXERS", "KINDS", "build_model", "build_mixer", "LanguageModel", "MemoryMixer", "Attention"]
+__all__ = ["MIXERS", "KINDS", "build_model", "build_mixer", "GraphedDecoder", "LanguageModel", "MemoryMixer",
+           "Attention"]

@@ -94,3 +94,48 @@ class LanguageModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class GraphedDecoder:
+    """`LanguageModel.step` for one fixed batch, captured once as a CUDA graph and replayed per token.
+
+    At small batch one decoding step is a few hundred small kernels whose launch cost (Python, dispatch,
+    Triton's launcher) is far above their GPU time; a replay issues them all at once. Only fixed-size
+    states qualify: the memory mixers update theirs in place, whereas attention's KV cache grows, so a
+    model with an attention layer is refused.
+
+        decoder = GraphedDecoder(model, state)   # state from model.init_state or model.prefill
+        logits = decoder.step(token)             # (B,) -> (B, V); decoder.state advances in place
+
+    `logits` is the graph's output buffer, overwritten by the next step: copy what must be kept.
+    """
+
+    def __init__(self, model: LanguageModel, state: List[Dict[str, Tensor]]):
+        from .memory import MemoryMixer
+
+        if not all(isinstance(b.mixer, MemoryMixer) for b in model.blocks):
+            raise ValueError("a CUDA-graph decoder needs fixed-size state: every layer must be a memory mixer "
+                             "(attention's KV cache grows)")
+        device = model.embed.weight.device
+        if device.type != "cuda":
+            raise ValueError(f"a CUDA-graph decoder needs the model on a CUDA device, not {device}")
+        self.model, self.state = model, state
+        self.token = torch.zeros(len(state[0]["S"]), dtype=torch.long, device=device)
+        saved = [{k: v.clone() for k, v in s.items()} for s in state]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # a first eager step compiles the kernels and warms the allocator
+            model.step(self.token, state)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits, _ = model.step(self.token, state)
+        for s, s0 in zip(state, saved):  # undo the warm-up step (capturing runs nothing)
+            for k, v in s.items():
+                v.copy_(s0[k])
+
+    def step(self, token: Tensor) -> Tensor:
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.logits
+

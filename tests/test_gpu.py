@@ -51,3 +51,25 @@ def test_cuda_decoding_with_step_kernel_reproduces_forward(mixer):
         stepped.append(out)
     torch.testing.assert_close(prefix, logits[:, :45], rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(torch.stack(stepped, 1), logits[:, 45:], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("mixer", ["mom", "gated_deltanet"])
+def test_graphed_decoder_replays_eager_steps(mixer):
+    """A CUDA-graph decoder from a prefilled state gives the eager steps' logits, and advances the state."""
+    from mom_bench.models import GraphedDecoder
+
+    torch.manual_seed(2)
+    cfg = ModelConfig(mixer=mixer, d_model=128, num_heads=2, embed_dropout=0.0, num_memories=4, topk=2,
+                      mlp="swiglu")
+    model = build_model(cfg, 100).cuda().eval()
+    ids = torch.randint(0, 100, (3, 40), device="cuda")
+    _, state = model.prefill(ids[:, :30])
+    eager_state = [{k: v.clone() for k, v in s.items()} for s in state]
+    decoder = GraphedDecoder(model, state)
+    for t in range(30, 40):
+        want, eager_state = model.step(ids[:, t], eager_state)
+        got = decoder.step(ids[:, t]).clone()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for s, e in zip(decoder.state, eager_state):
+        for k in s:
+            torch.testing.assert_close(s[k], e[k], rtol=1e-5, atol=1e-5)

@@ -149,3 +149,16 @@ def test_unknown_mixer_and_bad_topk_are_named():
         build_mixer("foo", config())
     with pytest.raises(ValueError, match="topk must be in"):
         build_mixer("mom", config(num_memories=2, topk=3))
+
+
+def test_graphed_decoder_refuses_growing_state_and_the_cpu():
+    from mom_bench.models import GraphedDecoder
+
+    cfg = ModelConfig(mixer="attention", d_model=32, num_heads=2, n_layers=1)
+    attn = build_model(cfg, 50)
+    with pytest.raises(ValueError, match="attention's KV cache grows"):
+        GraphedDecoder(attn, attn.init_state(2))
+    mom = build_model(ModelConfig(mixer="mom", d_model=32, num_heads=2, n_layers=1), 50)
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        GraphedDecoder(mom, mom.init_state(2))
+

@@ -164,7 +164,7 @@ def generate_case(contexts, dtype) -> Case:
 
     B, D, layers, vocab = 8, 1024, 4, 32000
 
-    def lm(mixer, n):
+    def lm(mixer, n, graph=False):
         def build():
             heads, hd = (4, 256) if mixer == "mom" else (8, 128)
             cfg = ModelConfig(mixer=mixer, d_model=D, n_layers=layers, num_heads=heads, head_dim=hd,
@@ -178,11 +178,17 @@ def generate_case(contexts, dtype) -> Case:
             # Timing repeats the step from the same state: attention's stays at n tokens (its step writes a
             # slot past `len` and returns a new dict); MoM's memories are updated in place, same cost.
             token = torch.randint(0, vocab, (B,), device="cuda")
+            if graph:  # the same step replayed from a CUDA graph (fixed-size state only: not attention)
+                from mom_bench.models import GraphedDecoder
+
+                decoder = GraphedDecoder(model, state)
+                return {"step": lambda: decoder.step(token)}
             return {"step": lambda: model.step(token, state)}
         return build
 
-    contenders = [Contender(f"{name} LM, context {n // 1024}K", lm(mixer, n))
-                  for n in contexts for mixer, name in (("mom", "ours MoM"), ("attention", "SDPA attention"))]
+    kinds = (("mom", "ours MoM", False), ("mom", "ours MoM (CUDA graph)", True), ("attention", "SDPA attention", False))
+    contenders = [Contender(f"{name} LM, context {n // 1024}K", lm(mixer, n, graph))
+                  for n in contexts for mixer, name, graph in kinds]
     ref = f"SDPA attention LM, context {8 if 8192 in contexts else contexts[0] // 1024}K"
     return Case("generate", f"{layers} layers, hidden {D}, B{B}, one token", B, 1, contenders, reference=ref,
                 target="flat; faster from 8K")
