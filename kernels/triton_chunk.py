@@ -677,7 +677,7 @@ def _dv_bwd_kernel(v, beta, gc, Ai, Mkk, vn, do, dvn, dv, dMs, dLs, dbp, cu, cid
 
 @triton.jit
 def _dqk_bwd_kernel(q, k, v, beta, gc, rn, hs, vn, do, dhs, dvn, dMs, dLs, dbp, dq, dk, dbeta, dg,
-                    dq32, dk32, cu, cidx, scale,
+                    cu, cidx, scale,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                     BV: tl.constexpr, BC: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr,
                     DECAY: tl.constexpr, HAS_BETA: tl.constexpr, DELTA: tl.constexpr, NORM: tl.constexpr,
@@ -688,7 +688,9 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, hs, vn, do, dhs, dvn, dMs, dLs, dbp, 
     gradient wrt G is q dq - k dk summed over each term's own factors: kept per channel for a
     per-channel decay, summed over K blocks for a scalar one; dg is its reverse cumsum plus the G_last
     part. Under NORM the gradient wrt raw q needs sum_k qn dqn over the whole row: with several K blocks
-    the normalised-space gradients go through fp32 scratch (dq32, dk32) and a second pass."""
+    the normalised-space gradients are first stored in dq and dk themselves, then a second pass over the
+    same rows (this program's own) turns them into the raw-space gradients in place: no scratch arrays,
+    at the cost of one rounding to the gradients' dtype in between."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     offs, valid, t_last, live = _chunk_rows(cu, cidx, i_t, BT)
     if not live:  # a chunk past the real count: nothing to do
@@ -762,7 +764,7 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, hs, vn, do, dhs, dvn, dMs, dLs, dbp, 
                 _store_tile(dq + i_h * K, _l2norm_bwd(qn, rq, b_dq), offs, valid, c0, H * K, K, BK)
             else:
                 sq += tl.sum(qn * b_dq, 1)
-                _store_tile(dq32 + i_h * K, b_dq, offs, valid, c0, H * K, K, BK)
+                _store_tile(dq + i_h * K, b_dq, offs, valid, c0, H * K, K, BK)
         else:
             _store_tile(dq + i_h * K, b_dq, offs, valid, c0, H * K, K, BK)
         # Across chunks: (k e^{G_last - G})^T v_new and e^{G_last} h (G_last's gradient).
@@ -803,7 +805,7 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, hs, vn, do, dhs, dvn, dMs, dLs, dbp, 
                 _store_tile(dk + i_h * K, _l2norm_bwd(kb, rk, b_dk), offs, valid, c0, H * K, K, BK)
             else:
                 sk += tl.sum(kb * b_dk, 1)
-                _store_tile(dk32 + i_h * K, b_dk, offs, valid, c0, H * K, K, BK)
+                _store_tile(dk + i_h * K, b_dk, offs, valid, c0, H * K, K, BK)
         else:
             _store_tile(dk + i_h * K, b_dk, offs, valid, c0, H * K, K, BK)
     if DECAY == 1:
@@ -814,14 +816,14 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, hs, vn, do, dhs, dvn, dMs, dLs, dbp, 
         tl.store(dbeta + offs * H + i_h, db.to(dbeta.dtype.element_ty), mask=valid)
     if NORM:
         if NK > 1:
-            tl.debug_barrier()  # the scratch rows were written by other threads of this program
+            tl.debug_barrier()  # the first-pass rows were written by other threads of this program
             for i_k in range(NK):
                 c0 = i_k * BK
                 qn = _load_tile(q + i_h * K, offs, valid, c0, H * K, K, BK) * rq[:, None]
-                x = _load_tile(dq32 + i_h * K, offs, valid, c0, H * K, K, BK)
+                x = _load_tile(dq + i_h * K, offs, valid, c0, H * K, K, BK)
                 _store_tile(dq + i_h * K, rq[:, None] * (x - qn * sq[:, None]), offs, valid, c0, H * K, K, BK)
                 kn = _load_tile(k + i_h * K, offs, valid, c0, H * K, K, BK) * rk[:, None]
-                x = _load_tile(dk32 + i_h * K, offs, valid, c0, H * K, K, BK)
+                x = _load_tile(dk + i_h * K, offs, valid, c0, H * K, K, BK)
                 _store_tile(dk + i_h * K, rk[:, None] * (x - kn * sk[:, None]), offs, valid, c0, H * K, K, BK)
 
 
@@ -1041,16 +1043,14 @@ class ChunkMemoryFunction(torch.autograd.Function):
             dLs = torch.empty(TT, H, BT, device=dev, dtype=f32) if p.delta else None
             dbp = torch.empty(TT, H, device=dev, dtype=f32) if p.has_beta else None
             NK_dqk = triton.cdiv(K, p.BK_dqk)
-            scratch = p.norm and NK_dqk > 1
-            dq32 = torch.empty(TT, H, K, device=dev, dtype=f32) if scratch else None
-            dk32 = torch.empty(TT, H, K, device=dev, dtype=f32) if scratch else None
             _dv_bwd_kernel[(p.NT, H)](fv, _or(fb, x), o["gc"], o["Ai"], o["Mkk"], o["vn"], do, dvn, dv, dMs,
                                       _or(dLs, x), _or(dbp, x), p.cu, p.cidx, H=H, V=V, BT=BT, BV=p.BV, NV=p.NV,
                                       DECAY=p.decay, HAS_BETA=p.has_beta, DELTA=p.delta, PREC=p.prec,
                                       **p.launch())
+            s["Mkk"] = s["Ai"] = o["Mkk"] = o["Ai"] = None  # read by the dv kernel only
             _dqk_bwd_kernel[(p.NT, H)](fq, fk, fv, _or(fb, x), o["gc"], o["rn"], s["hs"], o["vn"], do,
                                        dhs, dvn, dMs, _or(dLs, x), _or(dbp, x), dq, dk, _or(db, x), _or(dg, x),
-                                       _or(dq32, x), _or(dk32, x), p.cu, p.cidx, p.scale, H=H, K=K, V=V,
+                                       p.cu, p.cidx, p.scale, H=H, K=K, V=V,
                                        BT=BT, BK=p.BK_dqk, BV=p.BV_dqk, BC=p.BC, NK=NK_dqk,
                                        NV=triton.cdiv(V, p.BV_dqk),
                                        HAS_BETA=p.has_beta,
