@@ -14,9 +14,9 @@ Training packs the (token, memory) pairs into contiguous segments, one per (memo
 by memory, then sequence, then time (the sort key is unique, so time order is guaranteed, not hoped
 for); each memory's pairs take one projection product; the short convolutions run inside each segment;
 one varlen core call covers every memory; each token gathers its pairs' outputs and sums them, weighted.
-`step` does the same for one token with explicit state, and computes the same function (tested). `prefill` is the parallel form that also returns that state
-(each segment's final memory state and its convolution tails), so decoding a prompt costs one parallel
-pass, not one step per token.
+`step` does the same for one token with explicit state, and computes the same function (tested).
+`prefill` is the parallel form that also returns that state (each segment's final memory state and its
+convolution tails), so decoding a prompt costs one parallel pass, not one step per token.
 """
 from __future__ import annotations
 
