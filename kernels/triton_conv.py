@@ -10,8 +10,7 @@ w (C, W), w[:, W-1] applied to the current token:
 The reference is a few shifted products. On a GPU that is about twenty full passes over (N, C) per
 convolution, forward and backward, plus a reduction per tap, and the MoM layer convolves three such
 tensors (q, k, v over every routed copy of every token). The kernels read x once forward; backward is
-one pass, which recomputes the gradient before the SiLU for the few rows past each block instead of
-storing it, and leaves per-block partial sums for w and b.
+two passes: the gradient before the SiLU with per-block partial sums for w and b, then dx.
 """
 from __future__ import annotations
 
@@ -49,39 +48,40 @@ def _fwd_kernel(x, sx, w, b, pos, y, N, C, W: tl.constexpr, BN: tl.constexpr, BC
 
 
 @triton.jit
-def _dpre(x, sx, w, b, pos, dy, rows, cols, N, C, W: tl.constexpr):
-    """The gradient before the SiLU, dy * silu'(pre), at `rows` (zero past N), and those rows' positions."""
-    rmask = rows < N
+def _dpre_kernel(x, sx, w, b, pos, dy, dpre, dw_part, db_part, N, C, W: tl.constexpr, BN: tl.constexpr,
+                 BC: tl.constexpr):
+    """dpre = dy * silu'(pre), and this row block's share of dw and db (summed over blocks on the host)."""
+    i_n = tl.program_id(0)
+    rows = i_n * BN + tl.arange(0, BN)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    rmask, cmask = rows < N, cols < C
     pos_r = tl.load(pos + rows, mask=rmask, other=0)
     pre = _pre(x, sx, w, b, pos_r, rows, cols, N, C, W)
     sig = tl.sigmoid(pre)
-    g = tl.load(dy + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & (cols < C)[None, :], other=0.0)
-    return g.to(tl.float32) * sig * (1 + pre * (1 - sig)), pos_r
+    g = tl.load(dy + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+    d = g.to(tl.float32) * sig * (1 + pre * (1 - sig))
+    tl.store(dpre + rows[:, None] * C + cols[None, :], d, mask=rmask[:, None] & cmask[None, :])
+    tl.store(db_part + i_n * C + cols, tl.sum(d, 0), mask=cmask)
+    for j in tl.static_range(W):
+        src = rows - j
+        ok = rmask & (src >= 0) & (pos_r >= j)
+        xt = tl.load(x + src[:, None] * sx + cols[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+        tl.store(dw_part + (i_n * C + cols) * W + (W - 1 - j), tl.sum(d * xt.to(tl.float32), 0), mask=cmask)
 
 
 @triton.jit
-def _bwd_kernel(x, sx, w, b, pos, dy, dx, dw_part, db_part, N, C, W: tl.constexpr, BN: tl.constexpr,
-                BC: tl.constexpr):
-    """dx[t] = sum_j w[:, W-1-j] * dpre[t+j] * [pos[t+j] >= j] in one pass: dpre of the rows up to W-1 past
-    the block is recomputed (its loads mostly hit the cache) rather than written out in fp32 and read
-    back. Also this row block's share of dw and db (summed over blocks on the host)."""
-    i_n = tl.program_id(0)
-    rows = i_n * BN + tl.arange(0, BN)
+def _dx_kernel(w, pos, dpre, dx, N, C, W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    """dx[t] = sum_j w[:, W-1-j] * dpre[t+j] * [pos[t+j] >= j]: the taps that read x[t]."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     cmask = cols < C
     acc = tl.zeros((BN, BC), dtype=tl.float32)
     for j in tl.static_range(W):
-        d, pos_j = _dpre(x, sx, w, b, pos, dy, rows + j, cols, N, C, W)
-        if j == 0:  # the block's own rows: their share of db and dw
-            tl.store(db_part + i_n * C + cols, tl.sum(d, 0), mask=cmask)
-            for i in tl.static_range(W):
-                src = rows - i
-                ok = (rows < N) & (src >= 0) & (pos_j >= i)
-                xt = tl.load(x + src[:, None] * sx + cols[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
-                tl.store(dw_part + (i_n * C + cols) * W + (W - 1 - i), tl.sum(d * xt.to(tl.float32), 0),
-                         mask=cmask)
-        wj = tl.load(w + cols * W + (W - 1 - j), mask=cmask, other=0.0).to(tl.float32)
-        acc += tl.where((pos_j >= j)[:, None], d, 0.0) * wj[None, :]
+        dst = rows + j
+        ok = (rows < N) & (dst < N)
+        ok = ok & (tl.load(pos + dst, mask=ok, other=0) >= j)
+        d = tl.load(dpre + dst[:, None] * C + cols[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+        acc += d * tl.load(w + cols * W + (W - 1 - j), mask=cmask, other=0.0).to(tl.float32)[None, :]
     tl.store(dx + rows[:, None] * C + cols[None, :], acc.to(dx.dtype.element_ty),
              mask=(rows < N)[:, None] & cmask[None, :])
 
@@ -112,12 +112,13 @@ class ShortConvFunction(torch.autograd.Function):
         N, C = x.shape
         W = weight.shape[1]
         BN, BC, grid = _grid(N, C)
+        dpre = torch.empty(N, C, device=x.device, dtype=torch.float32)
         dw_part = torch.zeros(grid[0], C, W, device=x.device, dtype=torch.float32)
         db_part = torch.zeros(grid[0], C, device=x.device, dtype=torch.float32)
         dx = x.new_empty(x.shape)
         if N:
-            _bwd_kernel[grid](x, x.stride(0), weight, bias, pos, dy.contiguous(), dx, dw_part, db_part, N, C, W,
-                              BN, BC)
+            _dpre_kernel[grid](x, x.stride(0), weight, bias, pos, dy.contiguous(), dpre, dw_part, db_part, N, C, W, BN, BC)
+            _dx_kernel[grid](weight, pos, dpre, dx, N, C, W, BN, BC)
         return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype), None
 
 
