@@ -117,7 +117,8 @@ class ShortConvFunction(torch.autograd.Function):
         db_part = torch.zeros(grid[0], C, device=x.device, dtype=torch.float32)
         dx = x.new_empty(x.shape)
         if N:
-            _dpre_kernel[grid](x, x.stride(0), weight, bias, pos, dy.contiguous(), dpre, dw_part, db_part, N, C, W, BN, BC)
+            _dpre_kernel[grid](x, x.stride(0), weight, bias, pos, dy.contiguous(), dpre, dw_part, db_part, N, C, W,
+                               BN, BC)
             _dx_kernel[grid](weight, pos, dpre, dx, N, C, W, BN, BC)
         return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype), None
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .layers import RMSNorm
+from .memory import MemoryMixer
 
 Tensor = torch.Tensor
 
@@ -111,8 +112,6 @@ class GraphedDecoder:
     """
 
     def __init__(self, model: LanguageModel, state: List[Dict[str, Tensor]]):
-        from .memory import MemoryMixer
-
         if not all(isinstance(b.mixer, MemoryMixer) for b in model.blocks):
             raise ValueError("a CUDA-graph decoder needs fixed-size state: every layer must be a memory mixer "
                              "(attention's KV cache grows)")

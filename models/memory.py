@@ -36,7 +36,7 @@ Tensor = torch.Tensor
 
 class Pairs(NamedTuple):
     """A batch's (token, memory) pairs, packed (see `MemoryMixer._layout`)."""
-    tok: Tensor  # (P,) the token of every pair
+    tok: Tensor  # (B * T * topk,) the token of every routed pair (the shared memory's are the tokens in order)
     cu: Tensor  # (M * B + 1,) cu_seqlens of the (memory, sequence) segments
     sizes: List[int]  # pairs per memory, on the host
     slots: Tensor  # (B * T, A) the pairs of every token: its top-k routed memories, then the shared one
@@ -157,44 +157,36 @@ class MemoryMixer(nn.Module):
         return self.out(self.norm(o.to(x.dtype), self.gate(x)))
 
     # --- training: packed segments, one core call -----------------------------------------------
-    def _layout(self, x: Tensor) -> "Pairs":
-        """The (token, memory) pairs of a batch, packed: routed pairs grouped by memory, then sequence,
+    def _layout(self, x: Tensor) -> Pairs:
+        """The (token, memory) pairs of a MoM batch, packed: routed pairs grouped by memory, then sequence,
         then time, then the shared memory's (every token, in order). One host sync, for the per-memory
         pair counts (the projections need them as sizes); everything else stays on the device."""
         B, T, _ = x.shape
-        BT, dev = B * T, x.device
-        tok = torch.arange(BT, device=dev)
-        slots, weights, sizes, pair_slot = [], [], [], []
-        A = self.topk * bool(self.routed) + int(self.shared)
-        aux = x.new_zeros((), dtype=torch.float32)
-        counts = tok.new_zeros(0)
-        if self.routed:
-            E = self.routed
-            probs, weight, index = self._route(x)
-            pair_tok = tok.repeat_interleave(self.topk)
-            mem = index.reshape(-1)
-            order = torch.sort(mem * BT + pair_tok, stable=True).indices  # memory, then sequence, then time
-            tok = torch.cat([pair_tok[order], tok]) if self.shared else pair_tok[order]
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(len(order), device=dev)  # packed index of each (token, k) slot
-            slots.append(inverse.view(BT, self.topk))
-            pair_slot.append(order // self.topk * A + order % self.topk)
-            weights.append(weight.reshape(BT, self.topk))
-            counts = tok.new_zeros(E * B).index_add_(0, mem * B + pair_tok // T, torch.ones_like(mem))
-            per_memory = counts.view(E, B).sum(1)
-            sizes = per_memory.tolist()  # the one host sync
-            # Switch/Mixtral load balancing: E * sum_e (fraction of routed slots to e) * (mean prob of e)
-            aux = self.aux_loss_coef * E * (per_memory.float() / mem.numel() * probs.reshape(-1, E).mean(0)).sum()
-        if self.shared:
-            n_routed = BT * self.topk if self.routed else 0
-            slots.append(torch.arange(BT, device=dev)[:, None] + n_routed)
-            pair_slot.append(torch.arange(BT, device=dev) * A + A - 1)
-            weights.append(torch.ones(BT, 1, device=dev, dtype=upcast(x).dtype))
+        BT, E, k, dev = B * T, self.routed, self.topk, x.device
+        A = k + int(self.shared)
+        probs, weight, index = self._route(x)
+        pair_tok = torch.arange(BT, device=dev).repeat_interleave(k)
+        mem = index.reshape(-1)
+        order = torch.sort(mem * BT + pair_tok, stable=True).indices  # memory, then sequence, then time
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=dev)  # packed index of each (token, k) slot
+        slots, weights = [inverse.view(BT, k)], [weight.reshape(BT, k)]
+        pair_slot = [order // k * A + order % k]
+        counts = pair_tok.new_zeros(E * B).index_add_(0, mem * B + pair_tok // T, torch.ones_like(mem))
+        per_memory = counts.view(E, B).sum(1)
+        sizes = per_memory.tolist()  # the one host sync
+        # Switch/Mixtral load balancing: E * sum_e (fraction of routed slots to e) * (mean prob of e)
+        aux = self.aux_loss_coef * E * (per_memory.float() / mem.numel() * probs.reshape(-1, E).mean(0)).sum()
+        if self.shared:  # its pairs are the tokens in order, after the routed ones
+            shared = torch.arange(BT, device=dev)
+            slots.append(shared[:, None] + BT * k)
+            pair_slot.append(shared * A + k)
+            weights.append(torch.ones(BT, 1, device=dev, dtype=weight.dtype))
             counts = torch.cat([counts, counts.new_full((B,), T)])
             sizes.append(BT)
         cu = F.pad(counts.cumsum(0), (1, 0))
-        slots = torch.cat(slots, 1)
-        return Pairs(tok, cu, sizes, slots, torch.cat(weights, 1), torch.cat(pair_slot)[:, None], aux)
+        return Pairs(pair_tok[order], cu, sizes, torch.cat(slots, 1), torch.cat(weights, 1),
+                     torch.cat(pair_slot)[:, None], aux)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         y, aux, _ = self._parallel(x, want_state=False)
@@ -214,7 +206,7 @@ class MemoryMixer(nn.Module):
         if self.routed:  # gather each memory's tokens, one product each
             pairs = self._layout(x)
             cu, aux = pairs.cu, pairs.aux
-            routed = _Gather.apply(xf, pairs.tok[:B * T * self.topk], pairs.slots[:, :self.topk])
+            routed = _Gather.apply(xf, pairs.tok, pairs.slots[:, :self.topk])
             parts = [xm @ w[m] for m, xm in enumerate(routed.split(pairs.sizes[:self.routed]))]
             proj = torch.cat(parts + [xf @ w[-1]] if self.shared else parts)
         else:  # one memory over every token in order: the pairs are the tokens themselves

@@ -54,7 +54,8 @@ def test_mom_groups_pairs_by_memory_then_sequence_then_time():
     B, T = 3, 50
     x = torch.randn(B, T, 24)
     pairs = mixer._layout(x)
-    tok, cu, per_memory = pairs.tok, pairs.cu, pairs.sizes
+    tok = torch.cat([pairs.tok, torch.arange(B * T)])  # the routed pairs, then the shared memory's
+    cu, per_memory = pairs.cu, pairs.sizes
     _, weight, index = mixer._route(x)
     assert per_memory[:4] == [int((index == e).sum()) for e in range(4)]
     assert per_memory[4] == B * T  # the shared memory sees every token
@@ -79,9 +80,8 @@ def test_mom_gathers_have_index_select_gradients():
     torch.manual_seed(4)
     mixer = build_mixer("mom", config())
     pairs = mixer._layout(torch.randn(2, 9, 24))
-    n_routed = 2 * 9 * 2
-    for index, inverse, rows in ((pairs.tok[:n_routed], pairs.slots[:, :2], 18),
-                                 (pairs.slots.flatten(), pairs.pair_slot, len(pairs.tok))):
+    for index, inverse, rows in ((pairs.tok, pairs.slots[:, :2], 18),
+                                 (pairs.slots.flatten(), pairs.pair_slot, len(pairs.pair_slot))):
         x = torch.randn(rows, 5, dtype=torch.float64, requires_grad=True)
         g = torch.randn(len(index), 5, dtype=torch.float64)
         got, = torch.autograd.grad(_Gather.apply(x, index, inverse), x, g)
