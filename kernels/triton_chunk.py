@@ -29,9 +29,10 @@ and h the state at the chunk start:
             dqk   per chunk, one K block at a time: dq, dk, the rest of dbeta, and dg (the reverse cumsum
                   inside the chunk of q dq - k dk over every e^{+-G} factor)
 
-The backward recomputes prep and h from the inputs: only the inputs are saved for it.
-All accumulation is fp32; intermediates (G, norms, M, A, W, U, states, v_new, gradients wrt M and L) are
-stored in fp32; outputs take the dtype of v (o), of the inputs (gradients) and fp32 (states). Dots take
+The backward recomputes prep and h from the inputs: only the inputs are saved for it. Where that
+workspace would be large, it runs over groups of whole segments in turn (`_groups`).
+All accumulation is fp32; G, norms, M, A and the gradients wrt M and L are stored in fp32, the states,
+W, U, v_new and their gradients in bf16 for 16-bit inputs and fp32 otherwise; outputs take the dtype of v (o), of the inputs (gradients) and fp32 (states). Dots take
 fp32 operands (three-pass tf32 for fp32 inputs, tf32 otherwise), so no dot accumulator is ever cast to
 16 bits and transposed into another dot (the Hopper miscompile of ../shared/reference/gpu.md).
 
@@ -42,6 +43,7 @@ sub-chunk at a time, exact (`_pair_channel`).
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Optional, Tuple
 
@@ -935,8 +937,7 @@ class _Plan:
         if cu_seqlens is None:
             cu_seqlens = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
         self.cu = cu_seqlens.to(q.device, torch.int32).contiguous()
-        self.N = len(self.cu) - 1
-        self.cidx, self.coff, self.NT = _chunk_layout(self.cu, self.BT, B * T)
+        self._layout(self.cu, B, T)
         # What the passes store between kernels (states, W, U, v_new and their gradients): 16-bit inputs
         # keep them in bf16, as they keep their inputs (half the memory and traffic; every product still
         # runs on fp32 operands and accumulates in fp32); fp32 inputs keep fp32.
@@ -950,6 +951,16 @@ class _Plan:
         self.BK, self.BV, self.KP, self.BV_h, self.BC = cfg["BK"], cfg["BV"], cfg["KP"], cfg["BV_h"], cfg["BC"]
         self.BV_dqk, self.BK_dqk = cfg["BV_dqk"], cfg["BK_dqk_channel" if self.decay == 2 else "BK_dqk"]
         self.NK, self.NV = triton.cdiv(K, self.BK), triton.cdiv(V, self.BV)
+
+    def _layout(self, cu: Tensor, B: int, T: int) -> None:
+        self.cu, self.B, self.T, self.N = cu, B, T, len(cu) - 1
+        self.cidx, self.coff, self.NT = _chunk_layout(cu, self.BT, B * T)
+
+    def group(self, s0: int, s1: int, t0: int, t1: int) -> "_Plan":
+        """The plan of segments s0..s1-1, which hold tokens t0..t1-1, as one packed batch of their own."""
+        sub = copy.copy(self)
+        sub._layout(self.cu[s0:s1 + 1] - t0, 1, t1 - t0)
+        return sub
 
     def launch(self, which=""):
         return dict(num_warps=self.cfg["warps" + which], num_stages=self.cfg["stages"])
@@ -1018,50 +1029,80 @@ class ChunkMemoryFunction(torch.autograd.Function):
         q, k, v, g, beta, initial_state = ctx.saved_tensors
         p = ctx.plan
         fq, fk, fv, fg, fb = (p.flat(x) for x in (q, k, v, g, beta))
-        h0 = None if initial_state is None else initial_state.contiguous()
-        s = _forward_states(p, fq, fk, fv, fg, fb, h0)
-        do = torch.zeros_like(fv) if do is None else p.flat(do)
-        dht = None if dht is None else dht.contiguous()
-        TT, H, K, V, BT = p.B * p.T, p.H, p.K, p.V, p.BT
-        dev, f32 = fv.device, torch.float32
-        x = fk
-        o = {n: _or(t, x) for n, t in s.items()}
-        dhs = torch.empty_like(s["hs"])
-        dvn = torch.empty(TT, H, V, device=dev, dtype=p.work)
-        dh0 = torch.empty(p.N, H, K, V, device=dev, dtype=f32) if h0 is not None else None
-        _dh_bwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
-            fq, fk, o["gc"], o["rn"], s["Mqk"], o["w"], do, _or(dht, x), dhs, dvn, _or(dh0, x), p.cu, p.coff,
-            p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_DHT=dht is not None,
-            HAS_H0=h0 is not None,
-            **p.switches(), **p.launch("_h"))
-        s["w"] = s["Mqk"] = o["w"] = o["Mqk"] = None  # read by the reverse pass only: free them early
-        dq, dk, dv = torch.empty_like(fq), torch.empty_like(fk), torch.empty_like(fv)
-        dg = torch.empty_like(fg) if fg is not None else None
-        db = torch.empty_like(fb) if fb is not None else None
-        if p.NT:
-            dMs = torch.empty(TT, H, BT, device=dev, dtype=f32)
-            dLs = torch.empty(TT, H, BT, device=dev, dtype=f32) if p.delta else None
-            dbp = torch.empty(TT, H, device=dev, dtype=f32) if p.has_beta else None
-            NK_dqk = triton.cdiv(K, p.BK_dqk)
-            _dv_bwd_kernel[(p.NT, H)](fv, _or(fb, x), o["gc"], o["Ai"], o["Mkk"], o["vn"], do, dvn, dv, dMs,
-                                      _or(dLs, x), _or(dbp, x), p.cu, p.cidx, H=H, V=V, BT=BT, BV=p.BV, NV=p.NV,
-                                      DECAY=p.decay, HAS_BETA=p.has_beta, DELTA=p.delta, PREC=p.prec,
-                                      **p.launch())
-            s["Mkk"] = s["Ai"] = o["Mkk"] = o["Ai"] = None  # read by the dv kernel only
-            _dqk_bwd_kernel[(p.NT, H)](fq, fk, fv, _or(fb, x), o["gc"], o["rn"], s["hs"], o["vn"], do,
-                                       dhs, dvn, dMs, _or(dLs, x), _or(dbp, x), dq, dk, _or(db, x), _or(dg, x),
-                                       p.cu, p.cidx, p.scale, H=H, K=K, V=V,
-                                       BT=BT, BK=p.BK_dqk, BV=p.BV_dqk, BC=p.BC, NK=NK_dqk,
-                                       NV=triton.cdiv(V, p.BV_dqk),
-                                       HAS_BETA=p.has_beta,
-                                       **p.switches(), **p.launch("_dqk"))
-        else:
-            for t in (dq, dk, dv, dg, db):
-                if t is not None:
-                    t.zero_()
-        dh0 = None if dh0 is None else dh0.to(initial_state.dtype)
-        return (dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), None if dg is None else dg.view(g.shape),
-                None if db is None else db.view(beta.shape), dh0, None, None, None, None, None)
+        ins = dict(q=fq, k=fk, v=fv, g=fg, beta=fb, do=torch.zeros_like(fv) if do is None else p.flat(do))
+        states = dict(h0=None if initial_state is None else initial_state.contiguous(),
+                      dht=None if dht is None else dht.contiguous())
+        grads = dict(dq=torch.empty_like(fq), dk=torch.empty_like(fk), dv=torch.empty_like(fv),
+                     dg=None if fg is None else torch.empty_like(fg), db=None if fb is None else torch.empty_like(fb))
+        dstates = dict(dh0=None if initial_state is None else
+                       torch.empty(p.N, p.H, p.K, p.V, device=fv.device, dtype=torch.float32))
+        cut = lambda d, lo, hi: {n: None if t is None else t[lo:hi] for n, t in d.items()}
+        for sp, (s0, s1, t0, t1) in _groups(p):  # each group's tokens and states are row slices: views
+            _backward(sp, **cut(ins, t0, t1), **cut(states, s0, s1), **cut(grads, t0, t1), **cut(dstates, s0, s1))
+        dh0 = dstates["dh0"]
+        return (grads["dq"].view(q.shape), grads["dk"].view(k.shape), grads["dv"].view(v.shape),
+                None if g is None else grads["dg"].view(g.shape), None if beta is None else grads["db"].view(beta.shape),
+                None if dh0 is None else dh0.to(initial_state.dtype), None, None, None, None, None)
+
+
+# The backward recomputes the forward's intermediates and adds their gradients. What is alive at once
+# (chunk states and their gradients, v_new and its gradient, the gradients of the chunk matrices) comes
+# to about 1.1 GB for the MoM layer's 49K (token, memory) pairs with 4 x 256 x 256 states. Above
+# WORKSPACE_BYTES the backward runs over groups of whole segments, one after another, so that only one
+# group's workspace is alive; but into no more groups than keep MIN_CHAINS (segment, head) chains each on
+# average, which the sequential kernels run in parallel (fewer would leave the GPU idle).
+WORKSPACE_BYTES = 512 * 2 ** 20
+MIN_CHAINS = 32
+
+
+def _groups(p: "_Plan"):
+    """(plan, (first segment, end segment, first token, end token)) for each group of the backward."""
+    whole = [(p, (0, p.N, 0, p.B * p.T))]
+    e = torch.finfo(p.work).bits // 8
+    per_token = p.H * (2 * p.K * p.V * e / p.BT + 2 * p.V * e + 2 * p.BT * 4)
+    n = min(int(p.B * p.T * per_token // WORKSPACE_BYTES) + 1, p.N * p.H // MIN_CHAINS)
+    if n < 2:
+        return whole
+    cu = p.cu.tolist()  # the one host sync of the kernels, where the workspace is large (the GPU is busy)
+    bounds, target = [0], cu[-1] / n
+    for i in range(1, p.N):
+        if cu[i] - cu[bounds[-1]] >= target:
+            bounds.append(i)
+    bounds.append(p.N)
+    return [(p.group(s0, s1, cu[s0], cu[s1]), (s0, s1, cu[s0], cu[s1])) for s0, s1 in zip(bounds, bounds[1:])]
+
+
+def _backward(p: "_Plan", q, k, v, g, beta, do, h0, dht, dq, dk, dv, dg, db, dh0) -> None:
+    """The gradients of the packed segments of plan p, written into dq, dk, dv, dg, db, dh0."""
+    s = _forward_states(p, q, k, v, g, beta, h0)
+    TT, H, K, V, BT = p.B * p.T, p.H, p.K, p.V, p.BT
+    dev, f32 = v.device, torch.float32
+    x = k  # stands in for pointers a switch leaves unused
+    o = {n: _or(t, x) for n, t in s.items()}
+    dhs = torch.empty_like(s["hs"])
+    dvn = torch.empty(TT, H, V, device=dev, dtype=p.work)
+    _dh_bwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
+        q, k, o["gc"], o["rn"], s["Mqk"], o["w"], do, _or(dht, x), dhs, dvn, _or(dh0, x), p.cu, p.coff,
+        p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_DHT=dht is not None,
+        HAS_H0=h0 is not None, **p.switches(), **p.launch("_h"))
+    s["w"] = s["Mqk"] = o["w"] = o["Mqk"] = None  # read by the reverse pass only: free them early
+    if not p.NT:
+        for t in (dq, dk, dv, dg, db):
+            if t is not None:
+                t.zero_()
+        return
+    dMs = torch.empty(TT, H, BT, device=dev, dtype=f32)
+    dLs = torch.empty(TT, H, BT, device=dev, dtype=f32) if p.delta else None
+    dbp = torch.empty(TT, H, device=dev, dtype=f32) if p.has_beta else None
+    _dv_bwd_kernel[(p.NT, H)](v, _or(beta, x), o["gc"], o["Ai"], o["Mkk"], o["vn"], do, dvn, dv, dMs,
+                              _or(dLs, x), _or(dbp, x), p.cu, p.cidx, H=H, V=V, BT=BT, BV=p.BV, NV=p.NV,
+                              DECAY=p.decay, HAS_BETA=p.has_beta, DELTA=p.delta, PREC=p.prec, **p.launch())
+    s["Mkk"] = s["Ai"] = o["Mkk"] = o["Ai"] = None  # read by the dv kernel only
+    _dqk_bwd_kernel[(p.NT, H)](q, k, v, _or(beta, x), o["gc"], o["rn"], s["hs"], o["vn"], do, dhs, dvn, dMs,
+                               _or(dLs, x), _or(dbp, x), dq, dk, _or(db, x), _or(dg, x), p.cu, p.cidx, p.scale,
+                               H=H, K=K, V=V, BT=BT, BK=p.BK_dqk, BV=p.BV_dqk, BC=p.BC,
+                               NK=triton.cdiv(K, p.BK_dqk), NV=triton.cdiv(V, p.BV_dqk), HAS_BETA=p.has_beta,
+                               **p.switches(), **p.launch("_dqk"))
 
 
 def chunk_memory(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None, beta: Optional[Tensor] = None,

@@ -161,6 +161,20 @@ def test_varlen_with_empty_and_short_segments(algo):
     check(algo, 1, sum(lens), 1, 16, 32, 16, True, ALGORITHMS[algo][2], seed=11, cu_seqlens=cu, N=len(lens))
 
 
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_backward_in_segment_groups(algo, monkeypatch):
+    """A workspace budget of one byte splits the backward into groups of whole segments (here 4, with
+    empty segments inside groups and a group of one segment); the gradients must not change."""
+    monkeypatch.setattr(TC, "WORKSPACE_BYTES", 1)
+    monkeypatch.setattr(TC, "MIN_CHAINS", 1)
+    seen, groups = [], TC._groups
+    monkeypatch.setattr(TC, "_groups", lambda p: seen.append(groups(p)) or seen[-1])
+    lens = [0, 1, 17, 0, 33, 16, 2]
+    cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0)
+    check(algo, 1, sum(lens), 1, 16, 32, 16, True, ALGORITHMS[algo][2], seed=12, cu_seqlens=cu, N=len(lens))
+    assert [bounds for _, bounds in seen[0]] == [(0, 3, 0, 18), (3, 5, 18, 51), (5, 6, 51, 67), (6, 7, 67, 69)]
+
+
 def test_empty_sequences():
     cu = torch.zeros(3, dtype=torch.long, device=DEVICE)
     check("gated_delta_rule", 1, 0, 2, 16, 16, 16, True, True, seed=2, cu_seqlens=cu, N=2)
