@@ -934,10 +934,12 @@ class _Plan:
         cfg = _config(K, V, chunk_size)
         self.cfg = cfg
         self.B, self.T, self.H, self.K, self.V, self.BT = B, T, H, K, V, cfg["BT"]
+        # cu_seqlens on the host (or none) lets the backward plan its groups without a sync
+        self.cu_host = ([b * T for b in range(B + 1)] if cu_seqlens is None else
+                        None if cu_seqlens.is_cuda else cu_seqlens.tolist())
         if cu_seqlens is None:
             cu_seqlens = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
-        self.cu = cu_seqlens.to(q.device, torch.int32).contiguous()
-        self._layout(self.cu, B, T)
+        self._layout(cu_seqlens.to(q.device, torch.int32).contiguous(), B, T)
         # What the passes store between kernels (states, W, U, v_new and their gradients): 16-bit inputs
         # keep them in bf16, as they keep their inputs (half the memory and traffic; every product still
         # runs on fp32 operands and accumulates in fp32); fp32 inputs keep fp32.
@@ -960,6 +962,7 @@ class _Plan:
         """The plan of segments s0..s1-1, which hold tokens t0..t1-1, as one packed batch of their own."""
         sub = copy.copy(self)
         sub._layout(self.cu[s0:s1 + 1] - t0, 1, t1 - t0)
+        sub.cu_host = None if self.cu_host is None else [c - t0 for c in self.cu_host[s0:s1 + 1]]
         return sub
 
     def launch(self, which=""):
@@ -1063,7 +1066,8 @@ def _groups(p: "_Plan"):
     n = min(int(p.B * p.T * per_token // WORKSPACE_BYTES) + 1, p.N * p.H // MIN_CHAINS)
     if n < 2:
         return whole
-    cu = p.cu.tolist()  # the one host sync of the kernels, where the workspace is large (the GPU is busy)
+    # cu_seqlens on the GPU: the one host sync of the kernels, only where the workspace is large
+    cu = p.cu_host if p.cu_host is not None else p.cu.tolist()
     bounds, target = [0], cu[-1] / n
     for i in range(1, p.N):
         if cu[i] - cu[bounds[-1]] >= target:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,9 +36,9 @@ Tensor = torch.Tensor
 
 class Pairs(NamedTuple):
     """A batch's (token, memory) pairs, packed (see `MemoryMixer._layout`)."""
-    tok: Tensor  # (B * T * topk,) the token of every routed pair (the shared memory's are the tokens in order)
+    tok: Tensor  # (P,) the token of every pair
     cu: Tensor  # (M * B + 1,) cu_seqlens of the (memory, sequence) segments
-    sizes: List[int]  # pairs per memory, on the host
+    ends: Tensor  # (M,) int32: where each memory's pairs end (the offsets of the grouped projection)
     slots: Tensor  # (B * T, A) the pairs of every token: its top-k routed memories, then the shared one
     weight: Tensor  # (B * T, A) their output weights
     pair_slot: Tensor  # (P, 1) the inverse of slots: where each pair's output goes in slots.flatten()
@@ -60,6 +60,16 @@ class _Gather(torch.autograd.Function):
         (inverse,) = ctx.saved_tensors
         rows = grad.index_select(0, inverse.flatten()).view(*inverse.shape, *grad.shape[1:])
         return (rows[:, 0] if inverse.shape[1] == 1 else rows.sum(1)), None, None
+
+
+def grouped_mm(x: Tensor, w: Tensor, ends: Tensor) -> Tensor:
+    """x (N, D), w (G, D, C), ends (G,) int32: rows ends[g-1]:ends[g] of x times w[g], as one (N, C). One
+    fused product in 16-bit and fp32 (no host sync, and no per-shape GEMM planning on the host, which
+    costs about 0.1 ms a call when every call brings new row counts); a loop in fp64 (the tests)."""
+    if x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        return torch._grouped_mm(x, w, offs=ends)
+    sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+    return torch.cat([xg @ wg for xg, wg in zip(x.split(sizes), w)])
 
 
 @dataclass(frozen=True)
@@ -128,14 +138,18 @@ class MemoryMixer(nn.Module):
         return probs, weight / weight.sum(-1, keepdim=True), index
 
     def _in_weights(self, dtype) -> Tensor:
-        """(M, D, q|k|v|a|b columns): every memory's input projection."""
-        return torch.cat([self.w_q.expand(self.M, *self.w_q.shape), self.w_in], -1).to(dtype)
+        """(M, D, q|k|v|a|b columns, zero-padded to a multiple of 8): every memory's input projection. The
+        grouped product needs rows of a multiple of 16 bytes."""
+        D, n = self.d_model, sum(self.widths)
+        pad = self.w_q.new_zeros(self.M, D, -n % 8)
+        return torch.cat([self.w_q.expand(self.M, D, -1), self.w_in, pad], -1).to(dtype)
 
     def _split(self, proj: Tensor, with_q: bool = True) -> Tuple[Tensor, ...]:
         """q, k, v, a, b (or k, v, a, b) from projected rows (one autograd node, whose backward is one
-        concatenation); an input the kind does not use is None."""
-        widths = self.widths if with_q else self.widths[1:]
-        return tuple(t if t.shape[-1] else None for t in proj.split(widths, -1))
+        concatenation); an input the kind does not use is None; padding columns are dropped."""
+        widths = list(self.widths if with_q else self.widths[1:])
+        parts = proj.split(widths + [proj.shape[-1] - sum(widths)], -1)[:-1]
+        return tuple(t if t.shape[-1] else None for t in parts)
 
     def _gates(self, a: Optional[Tensor], b: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """Log decay g and write strength beta from the projections, per token (..., H) or (..., H, K)."""
@@ -159,8 +173,7 @@ class MemoryMixer(nn.Module):
     # --- training: packed segments, one core call -----------------------------------------------
     def _layout(self, x: Tensor) -> Pairs:
         """The (token, memory) pairs of a MoM batch, packed: routed pairs grouped by memory, then sequence,
-        then time, then the shared memory's (every token, in order). One host sync, for the per-memory
-        pair counts (the projections need them as sizes); everything else stays on the device."""
+        then time, then the shared memory's (every token, in order). All on the device: no host sync."""
         B, T, _ = x.shape
         BT, E, k, dev = B * T, self.routed, self.topk, x.device
         A = k + int(self.shared)
@@ -170,23 +183,23 @@ class MemoryMixer(nn.Module):
         order = torch.sort(mem * BT + pair_tok, stable=True).indices  # memory, then sequence, then time
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order), device=dev)  # packed index of each (token, k) slot
-        slots, weights = [inverse.view(BT, k)], [weight.reshape(BT, k)]
+        tok, slots, weights = [pair_tok[order]], [inverse.view(BT, k)], [weight.reshape(BT, k)]
         pair_slot = [order // k * A + order % k]
         counts = pair_tok.new_zeros(E * B).index_add_(0, mem * B + pair_tok // T, torch.ones_like(mem))
         per_memory = counts.view(E, B).sum(1)
-        sizes = per_memory.tolist()  # the one host sync
         # Switch/Mixtral load balancing: E * sum_e (fraction of routed slots to e) * (mean prob of e)
         aux = self.aux_loss_coef * E * (per_memory.float() / mem.numel() * probs.reshape(-1, E).mean(0)).sum()
         if self.shared:  # its pairs are the tokens in order, after the routed ones
             shared = torch.arange(BT, device=dev)
+            tok.append(shared)
             slots.append(shared[:, None] + BT * k)
             pair_slot.append(shared * A + k)
             weights.append(torch.ones(BT, 1, device=dev, dtype=weight.dtype))
             counts = torch.cat([counts, counts.new_full((B,), T)])
-            sizes.append(BT)
+            per_memory = torch.cat([per_memory, per_memory.new_full((1,), BT)])
         cu = F.pad(counts.cumsum(0), (1, 0))
-        return Pairs(pair_tok[order], cu, sizes, torch.cat(slots, 1), torch.cat(weights, 1),
-                     torch.cat(pair_slot)[:, None], aux)
+        return Pairs(torch.cat(tok), cu, per_memory.cumsum(0).to(torch.int32), torch.cat(slots, 1),
+                     torch.cat(weights, 1), torch.cat(pair_slot)[:, None], aux)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         y, aux, _ = self._parallel(x, want_state=False)
@@ -203,12 +216,10 @@ class MemoryMixer(nn.Module):
         H, K, V = self.H, self.K, self.V
         xf = x.reshape(B * T, D)
         w = self._in_weights(x.dtype)
-        if self.routed:  # gather each memory's tokens, one product each
+        if self.routed:  # every pair's token row, then one grouped product: each memory's rows by its matrix
             pairs = self._layout(x)
             cu, aux = pairs.cu, pairs.aux
-            routed = _Gather.apply(xf, pairs.tok, pairs.slots[:, :self.topk])
-            parts = [xm @ w[m] for m, xm in enumerate(routed.split(pairs.sizes[:self.routed]))]
-            proj = torch.cat(parts + [xf @ w[-1]] if self.shared else parts)
+            proj = grouped_mm(_Gather.apply(xf, pairs.tok, pairs.slots), w, pairs.ends)
         else:  # one memory over every token in order: the pairs are the tokens themselves
             cu = torch.arange(B + 1, device=x.device) * T
             aux = x.new_zeros((), dtype=torch.float32)
@@ -217,11 +228,15 @@ class MemoryMixer(nn.Module):
         q_in, k_in, v_in, a, b = self._split(proj)
         q, k, v = self._conv(0, q_in, pos), self._conv(1, k_in, pos), self._conv(2, v_in, pos)
         g, beta = self._gates(a, b)
-        heads = lambda t, d: t.unflatten(-1, (H, d))[None]
-        o, final = memory_op(heads(q, K), heads(k, K), heads(v, V), g=None if g is None else g[None],
-                             beta=None if beta is None else beta[None], delta=self.kind.delta, cu_seqlens=cu,
+        # MoM: one packed batch of segments; a plain mixer: its B sequences as they are (no cu_seqlens, so
+        # the core knows the segments on the host)
+        seqs = (1, len(proj)) if self.routed else (B, T)
+        rows = lambda t: None if t is None else t.view(*seqs, *t.shape[1:])
+        heads = lambda t, d: rows(t.unflatten(-1, (H, d)))
+        o, final = memory_op(heads(q, K), heads(k, K), heads(v, V), g=rows(g), beta=rows(beta),
+                             delta=self.kind.delta, cu_seqlens=cu if self.routed else None,
                              normalize_qk=self.kind.normalize_qk, chunk_size=self.chunk_size)
-        o = o[0]
+        o = o.flatten(0, 1)
         if self.kind.skip:
             o = upcast(o) + self.D_skip[:, None] * upcast(v).unflatten(-1, (H, V))
         if self.routed:  # each token's memories, weighted, summed in fp32

@@ -4,7 +4,7 @@ import torch
 
 from mom_bench.config import ModelConfig
 from mom_bench.models import MIXERS, build_mixer, build_model
-from mom_bench.models.memory import _Gather
+from mom_bench.models.memory import _Gather, grouped_mm
 
 VOCAB = 40
 CASES = {name: dict(mixer=name) for name in MIXERS}
@@ -54,11 +54,13 @@ def test_mom_groups_pairs_by_memory_then_sequence_then_time():
     B, T = 3, 50
     x = torch.randn(B, T, 24)
     pairs = mixer._layout(x)
-    tok = torch.cat([pairs.tok, torch.arange(B * T)])  # the routed pairs, then the shared memory's
-    cu, per_memory = pairs.cu, pairs.sizes
+    tok, cu = pairs.tok, pairs.cu
+    per_memory = torch.diff(pairs.ends, prepend=pairs.ends.new_zeros(1)).tolist()
     _, weight, index = mixer._route(x)
     assert per_memory[:4] == [int((index == e).sum()) for e in range(4)]
     assert per_memory[4] == B * T  # the shared memory sees every token
+    assert torch.equal(tok[cu[4 * B]:], torch.arange(B * T))  # in order, after the routed pairs
+    assert torch.equal(pairs.ends.long(), cu[B::B])  # each memory's pairs end where its last segment does
     # Every token's slots point at its own pairs: its top-2 memories' segments, then the shared one's.
     segment_memory = torch.arange(5).repeat_interleave(B)  # segments are (memory, sequence), memory-major
     pair_memory = segment_memory.repeat_interleave(cu[1:] - cu[:-1])
@@ -80,13 +82,34 @@ def test_mom_gathers_have_index_select_gradients():
     torch.manual_seed(4)
     mixer = build_mixer("mom", config())
     pairs = mixer._layout(torch.randn(2, 9, 24))
-    for index, inverse, rows in ((pairs.tok, pairs.slots[:, :2], 18),
+    for index, inverse, rows in ((pairs.tok, pairs.slots, 18),
                                  (pairs.slots.flatten(), pairs.pair_slot, len(pairs.pair_slot))):
         x = torch.randn(rows, 5, dtype=torch.float64, requires_grad=True)
         g = torch.randn(len(index), 5, dtype=torch.float64)
         got, = torch.autograd.grad(_Gather.apply(x, index, inverse), x, g)
         want, = torch.autograd.grad(x.index_select(0, index), x, g)
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_projection_equals_per_group_products(dtype):
+    """The fused grouped product (with an empty group and a group at the end) equals each group's rows
+    times its own matrix, in value and in the gradients of both inputs (fp64 loop as the reference)."""
+    torch.manual_seed(5)
+    x, w = torch.randn(40, 16, dtype=torch.float64), torch.randn(4, 16, 24, dtype=torch.float64)
+    ends = torch.tensor([7, 7, 30, 40], dtype=torch.int32)
+    g = torch.randn(40, 24, dtype=torch.float64)
+    grads = []
+    for t in (torch.float64, dtype):
+        xt, wt = x.to(t).detach().requires_grad_(), w.to(t).detach().requires_grad_()
+        y = grouped_mm(xt, wt, ends)
+        y.backward(g.to(t))
+        grads.append([y.double(), xt.grad.double(), wt.grad.double()])
+    tol = dict(atol=0.3, rtol=0.03) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(grads[0][0][7:30], x[7:30] @ w[2])
+    assert (grads[1][2][1] == 0).all()  # the empty group's matrix gets no gradient
 
 
 def test_mom_layer_equals_memories_run_one_by_one():
