@@ -939,6 +939,7 @@ class _Plan:
                         None if cu_seqlens.is_cuda else cu_seqlens.tolist())
         if cu_seqlens is None:
             cu_seqlens = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
+        self.cu_copy = None
         self._layout(cu_seqlens.to(q.device, torch.int32).contiguous(), B, T)
         # What the passes store between kernels (states, W, U, v_new and their gradients): 16-bit inputs
         # keep them in bf16, as they keep their inputs (half the memory and traffic; every product still
@@ -954,6 +955,24 @@ class _Plan:
         self.BV_dqk, self.BK_dqk = cfg["BV_dqk"], cfg["BK_dqk_channel" if self.decay == 2 else "BK_dqk"]
         self.NK, self.NV = triton.cdiv(K, self.BK), triton.cdiv(V, self.BV)
 
+    def copy_cu_to_host(self) -> None:
+        """Start copying cu_seqlens from the GPU to the host, without waiting: the forward calls this when
+        its backward will run in groups, so that reading them there stalls nothing (`host_cu`)."""
+        if self.cu_host is None and self.cu_copy is None:
+            buf = torch.empty(len(self.cu), dtype=self.cu.dtype, pin_memory=True)
+            buf.copy_(self.cu, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self.cu_copy = (buf, done)
+
+    def host_cu(self) -> list:
+        if self.cu_host is None:
+            self.copy_cu_to_host()  # not started in the forward: this waits for the GPU
+            buf, done = self.cu_copy
+            done.synchronize()
+            self.cu_host = buf.tolist()
+        return self.cu_host
+
     def _layout(self, cu: Tensor, B: int, T: int) -> None:
         self.cu, self.B, self.T, self.N = cu, B, T, len(cu) - 1
         self.cidx, self.coff, self.NT = _chunk_layout(cu, self.BT, B * T)
@@ -962,7 +981,7 @@ class _Plan:
         """The plan of segments s0..s1-1, which hold tokens t0..t1-1, as one packed batch of their own."""
         sub = copy.copy(self)
         sub._layout(self.cu[s0:s1 + 1] - t0, 1, t1 - t0)
-        sub.cu_host = None if self.cu_host is None else [c - t0 for c in self.cu_host[s0:s1 + 1]]
+        sub.cu_host = [c - t0 for c in self.host_cu()[s0:s1 + 1]]
         return sub
 
     def launch(self, which=""):
@@ -1024,6 +1043,8 @@ class ChunkMemoryFunction(torch.autograd.Function):
                                              **p.switches(), **p.launch())
         ctx.save_for_backward(q, k, v, g, beta, initial_state)
         ctx.plan = p
+        if any(ctx.needs_input_grad) and _group_count(p) > 1:
+            p.copy_cu_to_host()
         ctx.set_materialize_grads(False)  # an unused final state comes back as None: skip its gradient
         return o.view(v.shape), s["ht"]
 
@@ -1053,21 +1074,24 @@ class ChunkMemoryFunction(torch.autograd.Function):
 # to about 1.1 GB for the MoM layer's 49K (token, memory) pairs with 4 x 256 x 256 states. Above
 # WORKSPACE_BYTES the backward runs over groups of whole segments, one after another, so that only one
 # group's workspace is alive; but into no more groups than keep MIN_CHAINS (segment, head) chains each on
-# average, which the sequential kernels run in parallel (fewer would leave the GPU idle).
+# average, which the sequential kernels run in parallel (fewer would leave the GPU idle). Groups are planned
+# on the host; cu_seqlens on the GPU are copied to it during the forward, without waiting for the GPU.
 WORKSPACE_BYTES = 512 * 2 ** 20
 MIN_CHAINS = 32
 
 
-def _groups(p: "_Plan"):
-    """(plan, (first segment, end segment, first token, end token)) for each group of the backward."""
-    whole = [(p, (0, p.N, 0, p.B * p.T))]
+def _group_count(p: "_Plan") -> int:
     e = torch.finfo(p.work).bits // 8
     per_token = p.H * (2 * p.K * p.V * e / p.BT + 2 * p.V * e + 2 * p.BT * 4)
-    n = min(int(p.B * p.T * per_token // WORKSPACE_BYTES) + 1, p.N * p.H // MIN_CHAINS)
+    return min(int(p.B * p.T * per_token // WORKSPACE_BYTES) + 1, p.N * p.H // MIN_CHAINS)
+
+
+def _groups(p: "_Plan"):
+    """(plan, (first segment, end segment, first token, end token)) for each group of the backward."""
+    n = _group_count(p)
     if n < 2:
-        return whole
-    # cu_seqlens on the GPU: the one host sync of the kernels, only where the workspace is large
-    cu = p.cu_host if p.cu_host is not None else p.cu.tolist()
+        return [(p, (0, p.N, 0, p.B * p.T))]
+    cu = p.host_cu()
     bounds, target = [0], cu[-1] / n
     for i in range(1, p.N):
         if cu[i] - cu[bounds[-1]] >= target:
