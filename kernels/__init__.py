@@ -49,12 +49,14 @@ def memory_op(q, k, v, g=None, beta=None, delta=False, scale=None, initial_state
     return tc.chunk_memory(q, k, v, **kw) if tc else reference.chunked(q, k, v, **kw)
 
 
-def short_conv(x, weight, bias, pos):
-    """Causal depthwise convolution + SiLU over packed segments (see `reference.short_conv`)."""
+def short_conv(x, weight, bias, pos, split=()):
+    """Causal depthwise convolution + SiLU over packed segments (see `reference.short_conv`); with split
+    (channel counts), the output's column blocks as a tuple."""
     if _triton(x) is None:
-        return reference.short_conv(x, weight, bias, pos)
+        y = reference.short_conv(x, weight, bias, pos)
+        return y.split(list(split), -1) if split else y
     from .triton_conv import short_conv as triton_short_conv
-    return triton_short_conv(x, weight, bias, pos)
+    return triton_short_conv(x, weight, bias, pos, split)
 
 
 def memory_step(q, k, v, state, g=None, beta=None, delta=False, scale=None, normalize_qk=False):

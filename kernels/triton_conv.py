@@ -8,11 +8,15 @@ w (C, W), w[:, W-1] applied to the current token:
     y[t] = silu(b + sum_{j < W} w[:, W-1-j] * x[t-j] * [pos[t] >= j])
 
 The reference is a few shifted products. On a GPU that is about twenty full passes over (N, C) per
-convolution, forward and backward, plus a reduction per tap, and the MoM layer convolves three such
-tensors (q, k, v over every routed copy of every token). The kernels read x once forward; backward is
-two passes: the gradient before the SiLU with per-block partial sums for w and b, then dx.
+convolution, forward and backward, plus a reduction per tap, and the MoM layer convolves q, k and v
+over every routed copy of every token. The kernels read x once forward; backward is two passes: the
+gradient before the SiLU with per-block partial sums for w and b, then dx. The MoM layer convolves q, k
+and v in one call: the output can be split into up to three column blocks, each its own contiguous array
+(what the core reads), and their gradients come back as three arrays too.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import triton
@@ -37,19 +41,33 @@ def _pre(x, sx, w, b, pos_r, rows, cols, N, C, W: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(x, sx, w, b, pos, y, N, C, W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+def _block_offsets(rows, cols, C0, C1, C):
+    """Where (rows, cols) of an (N, C) array lie when it is held as three row-major arrays of C0, C1 and
+    C - C0 - C1 columns: the offset in each, and which one holds each column."""
+    in1 = (cols >= C0) & (cols < C0 + C1)
+    in2 = cols >= C0 + C1
+    width = tl.where(in2, C - C0 - C1, tl.where(in1, C1, C0))
+    col = cols - tl.where(in2, C0 + C1, tl.where(in1, C0, 0))
+    return rows[:, None] * width[None, :] + col[None, :], (~in1 & ~in2)[None, :], in1[None, :], in2[None, :]
+
+
+@triton.jit
+def _fwd_kernel(x, sx, w, b, pos, y0, y1, y2, C0, C1, N, C, W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     pos_r = tl.load(pos + rows, mask=rows < N, other=0)
     pre = _pre(x, sx, w, b, pos_r, rows, cols, N, C, W)
-    out = pre * tl.sigmoid(pre)
-    tl.store(y + rows[:, None] * C + cols[None, :], out.to(y.dtype.element_ty),
-             mask=(rows < N)[:, None] & (cols < C)[None, :])
+    out = (pre * tl.sigmoid(pre)).to(y0.dtype.element_ty)
+    off, in0, in1, in2 = _block_offsets(rows, cols, C0, C1, C)
+    m = (rows < N)[:, None] & (cols < C)[None, :]
+    tl.store(y0 + off, out, mask=m & in0)
+    tl.store(y1 + off, out, mask=m & in1)
+    tl.store(y2 + off, out, mask=m & in2)
 
 
 @triton.jit
-def _dpre_kernel(x, sx, w, b, pos, dy, dpre, dw_part, db_part, N, C, W: tl.constexpr, BN: tl.constexpr,
-                 BC: tl.constexpr):
+def _dpre_kernel(x, sx, w, b, pos, dy0, dy1, dy2, C0, C1, dpre, dw_part, db_part, N, C, W: tl.constexpr,
+                 BN: tl.constexpr, BC: tl.constexpr):
     """dpre = dy * silu'(pre), and this row block's share of dw and db (summed over blocks on the host)."""
     i_n = tl.program_id(0)
     rows = i_n * BN + tl.arange(0, BN)
@@ -58,8 +76,12 @@ def _dpre_kernel(x, sx, w, b, pos, dy, dpre, dw_part, db_part, N, C, W: tl.const
     pos_r = tl.load(pos + rows, mask=rmask, other=0)
     pre = _pre(x, sx, w, b, pos_r, rows, cols, N, C, W)
     sig = tl.sigmoid(pre)
-    g = tl.load(dy + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-    d = g.to(tl.float32) * sig * (1 + pre * (1 - sig))
+    off, in0, in1, in2 = _block_offsets(rows, cols, C0, C1, C)
+    m = rmask[:, None] & cmask[None, :]
+    g = (tl.load(dy0 + off, mask=m & in0, other=0.0).to(tl.float32) +
+         tl.load(dy1 + off, mask=m & in1, other=0.0).to(tl.float32) +
+         tl.load(dy2 + off, mask=m & in2, other=0.0).to(tl.float32))
+    d = g * sig * (1 + pre * (1 - sig))
     tl.store(dpre + rows[:, None] * C + cols[None, :], d, mask=rmask[:, None] & cmask[None, :])
     tl.store(db_part + i_n * C + cols, tl.sum(d, 0), mask=cmask)
     for j in tl.static_range(W):
@@ -93,21 +115,21 @@ def _grid(N: int, C: int):
 
 class ShortConvFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, pos):
+    def forward(ctx, x, weight, bias, pos, split):
         # x may be a column block of a wider array (the MoM projections are one product): rows may be
         # any distance apart, but each row must be contiguous.
         x = x if x.stride(-1) == 1 else x.contiguous()
         weight, bias, pos = weight.contiguous(), bias.contiguous(), pos.contiguous()
         N, C = x.shape
-        y = x.new_empty(x.shape)  # contiguous, whatever the layout of x
+        ys = [x.new_empty(N, c) for c in split]  # contiguous, whatever the layout of x
         BN, BC, grid = _grid(N, C)
         if N:
-            _fwd_kernel[grid](x, x.stride(0), weight, bias, pos, y, N, C, weight.shape[1], BN, BC)
+            _fwd_kernel[grid](x, x.stride(0), weight, bias, pos, *_blocks(ys), N, C, weight.shape[1], BN, BC)
         ctx.save_for_backward(x, weight, bias, pos)
-        return y
+        return tuple(ys)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, *dys):
         x, weight, bias, pos = ctx.saved_tensors
         N, C = x.shape
         W = weight.shape[1]
@@ -117,11 +139,24 @@ class ShortConvFunction(torch.autograd.Function):
         db_part = torch.zeros(grid[0], C, device=x.device, dtype=torch.float32)
         dx = x.new_empty(x.shape)
         if N:
-            _dpre_kernel[grid](x, x.stride(0), weight, bias, pos, dy.contiguous(), dpre, dw_part, db_part, N, C, W,
-                               BN, BC)
+            _dpre_kernel[grid](x, x.stride(0), weight, bias, pos, *_blocks([d.contiguous() for d in dys]), dpre,
+                               dw_part, db_part, N, C, W, BN, BC)
             _dx_kernel[grid](weight, pos, dpre, dx, N, C, W, BN, BC)
-        return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype), None
+        return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype), None, None
 
 
-def short_conv(x: Tensor, weight: Tensor, bias: Tensor, pos: Tensor) -> Tensor:
-    return ShortConvFunction.apply(x, weight, bias, pos)
+def _blocks(ts):
+    """Kernel arguments for up to three column blocks: three pointers and the widths of the first two."""
+    if len(ts) > 3:
+        raise ValueError(f"the short convolution splits its output into at most 3 blocks, got {len(ts)}")
+    widths = [t.shape[1] for t in ts] + [0, 0]
+    return (*ts, *[ts[0]] * (3 - len(ts)), widths[0], widths[1])
+
+
+def short_conv(x: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, split: Sequence[int] = ()):
+    """The convolution of x (N, C); with split (widths summing to C), its column blocks as separate
+    contiguous arrays, written so by the kernel (q, k and v of one convolution need no copy)."""
+    if split and sum(split) != x.shape[1]:
+        raise ValueError(f"split {tuple(split)} must sum to the {x.shape[1]} channels")
+    ys = ShortConvFunction.apply(x, weight, bias, pos, tuple(split) or (x.shape[1],))
+    return ys if split else ys[0]

@@ -1,7 +1,7 @@
 """Building blocks shared by the mixers: norms, the short convolution, the MLP, rotary embeddings."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -49,8 +49,9 @@ class ShortConv(nn.Module):
         self.weight = nn.Parameter(torch.randn(channels, width) / width ** 0.5)
         self.bias = nn.Parameter(torch.zeros(channels))
 
-    def forward(self, x: Tensor, pos: Tensor) -> Tensor:
-        return short_conv(x, self.weight, self.bias, pos)
+    def forward(self, x: Tensor, pos: Tensor, split: Sequence[int] = ()):
+        """(N, C) -> (N, C), or with split (channel counts) its column blocks as separate arrays."""
+        return short_conv(x, self.weight, self.bias, pos, split)
 
     def tail(self, x: Tensor, cu_seqlens: Tensor) -> Tensor:
         """The decoding state after packed segments: each segment's last (width - 1) inputs, oldest first,

@@ -124,7 +124,8 @@ class MemoryMixer(nn.Module):
             self.dt_bias = nn.Parameter(inverse_softplus(dt))
         if self.kind.skip:
             self.D_skip = nn.Parameter(torch.ones(H))
-        self.convs = nn.ModuleList(ShortConv(n, conv_size) for n in (H * K, H * K, H * V)) if conv_size else None
+        # One convolution over the q | k | v columns (one launch, its output split into the three arrays)
+        self.conv = ShortConv(sum(self.widths[:3]), conv_size) if conv_size else None
         self.router = nn.Linear(D, num_memories, bias=False) if self.routed else None
         self.gate = nn.Linear(D, H * V, bias=False)
         self.norm = GatedHeadNorm(V)
@@ -145,11 +146,12 @@ class MemoryMixer(nn.Module):
         return torch.cat([self.w_q.expand(self.M, D, -1), self.w_in, pad], -1).to(dtype)
 
     def _split(self, proj: Tensor, with_q: bool = True) -> Tuple[Tensor, ...]:
-        """q, k, v, a, b (or k, v, a, b) from projected rows (one autograd node, whose backward is one
-        concatenation); an input the kind does not use is None; padding columns are dropped."""
-        widths = list(self.widths if with_q else self.widths[1:])
-        parts = proj.split(widths + [proj.shape[-1] - sum(widths)], -1)[:-1]
-        return tuple(t if t.shape[-1] else None for t in parts)
+        """(q|k|v, a, b) from projected rows, or (k|v, a, b) without q: one autograd node, whose backward
+        is one concatenation. An input the kind does not use is None; padding columns are dropped."""
+        widths = self.widths if with_q else self.widths[1:]
+        n = 3 if with_q else 2
+        parts = proj.split([sum(widths[:n]), *widths[n:], proj.shape[-1] - sum(widths)], -1)
+        return (parts[0],) + tuple(t if t.shape[-1] else None for t in parts[1:-1])
 
     def _gates(self, a: Optional[Tensor], b: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """Log decay g and write strength beta from the projections, per token (..., H) or (..., H, K)."""
@@ -164,8 +166,10 @@ class MemoryMixer(nn.Module):
             beta = upcast(b).sigmoid()
         return g, beta
 
-    def _conv(self, i: int, x: Tensor, pos: Tensor) -> Tensor:
-        return self.convs[i](x, pos) if self.convs is not None else x
+    def _conv(self, qkv: Tensor, pos: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """q, k, v from their projected columns."""
+        split = self.widths[:3]
+        return self.conv(qkv, pos, split) if self.conv is not None else qkv.split(split, -1)
 
     def _finish(self, o: Tensor, x: Tensor) -> Tensor:
         return self.out(self.norm(o.to(x.dtype), self.gate(x)))
@@ -225,8 +229,8 @@ class MemoryMixer(nn.Module):
             aux = x.new_zeros((), dtype=torch.float32)
             proj = xf @ w[0]
         _, pos = segment_positions(cu, len(proj))
-        q_in, k_in, v_in, a, b = self._split(proj)
-        q, k, v = self._conv(0, q_in, pos), self._conv(1, k_in, pos), self._conv(2, v_in, pos)
+        qkv_in, a, b = self._split(proj)
+        q, k, v = self._conv(qkv_in, pos)
         g, beta = self._gates(a, b)
         # MoM: one packed batch of segments; a plain mixer: its B sequences as they are (no cu_seqlens, so
         # the core knows the segments on the host)
@@ -248,19 +252,17 @@ class MemoryMixer(nn.Module):
         # Segments are ordered memory-major (memory, sequence): M * B of them, some possibly empty, whose
         # final state is then the zero initial state, as for a memory that was never routed to.
         state = {"S": final.view(self.M, B, H, K, V).transpose(0, 1).contiguous()}
-        if self.convs is not None:
-            for i, (conv, inp) in enumerate(zip(self.convs, (q_in, k_in, v_in))):
-                tail = conv.tail(inp, cu)  # (M * B, width - 1, C)
-                state[f"conv{i}"] = tail.view(self.M, B, *tail.shape[1:]).transpose(0, 1).contiguous()
+        if self.conv is not None:
+            tail = self.conv.tail(qkv_in, cu)  # (M * B, width - 1, C)
+            state["conv"] = tail.view(self.M, B, *tail.shape[1:]).transpose(0, 1).contiguous()
         return y, aux, state
 
     # --- decoding: one token, explicit state -----------------------------------------------------
     def init_state(self, batch: int, device, dtype=torch.float32) -> Dict[str, Tensor]:
         state = {"S": torch.zeros(batch, self.M, self.H, self.K, self.V, device=device,
                                  dtype=torch.promote_types(dtype, torch.float32))}
-        if self.convs is not None:
-            for i, conv in enumerate(self.convs):
-                state[f"conv{i}"] = conv.init_state(batch, device, dtype)[:, None].repeat(1, self.M, 1, 1)
+        if self.conv is not None:
+            state["conv"] = self.conv.init_state(batch, device, dtype)[:, None].repeat(1, self.M, 1, 1)
         return state
 
     def _select(self, x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -290,14 +292,12 @@ class MemoryMixer(nn.Module):
         # Every memory's projections in one batched product (each weight is read once), then the selected;
         # q, the same for every memory, once.
         q = (x @ self.w_q.to(x.dtype)).repeat_interleave(A, 0)
-        k, v, a, b = self._split(read(torch.einsum("bd,mdn->bmn", x, self.w_in.to(x.dtype))), with_q=False)
-        if self.convs is not None:
-            convolved = []
-            for i, (conv, t) in enumerate(zip(self.convs, (q, k, v))):
-                y, window = conv.step(t, read(state[f"conv{i}"]))
-                write(state[f"conv{i}"], window)
-                convolved.append(y)
-            q, k, v = convolved
+        kv, a, b = self._split(read(torch.einsum("bd,mdn->bmn", x, self.w_in.to(x.dtype))), with_q=False)
+        qkv = torch.cat([q, kv], -1)
+        if self.conv is not None:
+            qkv, window = self.conv.step(qkv, read(state["conv"]))
+            write(state["conv"], window)
+        q, k, v = qkv.split(self.widths[:3], -1)
         g, beta = self._gates(a, b)
         o, S = memory_step(q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V)),
                            read(state["S"]), g=g, beta=beta, delta=self.kind.delta,

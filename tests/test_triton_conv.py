@@ -57,6 +57,30 @@ def test_short_conv_reads_a_column_block_of_a_wider_array():
     check([5, 0, 1, 70], 20, 4, pad=3)
 
 
+def test_short_conv_split_into_column_blocks():
+    """One convolution over q | k | v, its output as three contiguous arrays: each equals its block of
+    the reference, and the three gradients come back to the one input, taps and bias."""
+    torch.manual_seed(7)
+    cu = torch.tensor([0, 5, 5, 6, 76], device=DEVICE)
+    _, pos = segment_positions(cu)
+    x = torch.randn(76, 40, device=DEVICE)
+    w, b = torch.randn(40, 4, device=DEVICE) / 2, torch.randn(40, device=DEVICE)
+    dys = [torch.randn(76, c, device=DEVICE) for c in (16, 16, 8)]
+    outs = []
+    for fn, split in ((reference.short_conv, None), (short_conv, (16, 16, 8))):
+        leaves = [t.double().requires_grad_() if split is None else t.clone().requires_grad_() for t in (x, w, b)]
+        ys = fn(*leaves, pos) if split is None else fn(*leaves, pos, split)
+        ys = ys.split([16, 16, 8], -1) if split is None else ys
+        torch.autograd.backward(ys, [d.to(ys[0].dtype) for d in dys])
+        outs.append([torch.cat(ys, 1)] + [t.grad for t in leaves])
+        if split:
+            assert all(y.is_contiguous() for y in ys) and [y.shape[1] for y in ys] == [16, 16, 8]
+    for name, r, g in zip(("y", "dx", "dw", "db"), *outs):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="must sum to"):
+        short_conv(x, w, b, pos, (16, 16))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
