@@ -29,7 +29,7 @@ and h the state at the chunk start:
             dqk   per chunk, one K block at a time: dq, dk, the rest of dbeta, and dg (the reverse cumsum
                   inside the chunk of q dq - k dk over every e^{+-G} factor)
 
-The backward recomputes prep and h from the inputs: only the inputs are saved for it. Where that
+The backward recomputes prep (but A, kept from the forward) and h from the inputs. Where that
 workspace would be large, it runs over groups of whole segments in turn (`_groups`).
 All accumulation is fp32; G, norms, M, A and the gradients wrt M and L are stored in fp32, the states,
 W, U, v_new and their gradients in bf16 for 16-bit inputs and fp32 otherwise; outputs take the dtype of v (o), of the inputs (gradients) and fp32 (states). Dots take
@@ -292,9 +292,10 @@ def _unit_lower_inverse(L, BT: tl.constexpr, PREC: tl.constexpr):
 def _prep_kernel(q, k, v, g, beta, gc, rn, Mqk, Mkk, Ai, w, u, cu, cidx, scale,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                  BV: tl.constexpr, BC: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, DECAY: tl.constexpr,
-                 HAS_BETA: tl.constexpr, DELTA: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr):
+                 HAS_BETA: tl.constexpr, DELTA: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr,
+                 HAVE_A: tl.constexpr):
     """Per chunk: row norms, G, M = pair(q, k) and for the delta rule pair_strict(k, k), A, W, U; the
-    products over K are summed over K blocks."""
+    products over K are summed over K blocks. HAVE_A: A is read from Ai (the forward's), not computed."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     offs, valid, t_last, live = _chunk_rows(cu, cidx, i_t, BT)
     if not live:  # a chunk past the real count: nothing to do
@@ -357,8 +358,11 @@ def _prep_kernel(q, k, v, g, beta, gc, rn, Mqk, Mkk, Ai, w, u, cu, cidx, scale,
         Mk = tl.where(rows[:, None] > rows[None, :], Mk, 0.)
         _store_tile(Mkk + i_h * BT, Mk, offs, valid, 0, H * BT, BT, BT)
         b = _load_beta(beta, offs, valid, H, i_h, HAS_BETA)
-        A = _unit_lower_inverse(Mk * b[:, None], BT, PREC)
-        _store_tile(Ai + i_h * BT, A, offs, valid, 0, H * BT, BT, BT)
+        if HAVE_A:
+            A = _load_tile(Ai + i_h * BT, offs, valid, 0, H * BT, BT, BT)
+        else:
+            A = _unit_lower_inverse(Mk * b[:, None], BT, PREC)
+            _store_tile(Ai + i_h * BT, A, offs, valid, 0, H * BT, BT, BT)
         for i_k in range(NK):
             kb = _load_tile(k + i_h * K, offs, valid, i_k * BK, H * K, K, BK) * (fk * b)[:, None]
             if DECAY == 1:
@@ -995,16 +999,17 @@ class _Plan:
         return None if x is None else x.reshape((self.B * self.T,) + tuple(x.shape[2:])).contiguous()
 
 
-def _forward_states(p: _Plan, q, k, v, g, beta, h0) -> dict:
-    """prep and the sequential pass, all fp32: G (gc), row norms (rn), M and pair_strict(k, k) per chunk
-    row (Mqk, Mkk), A, W, U, the state at every chunk start (hs), v_new (vn), the final state (ht)."""
+def _forward_states(p: _Plan, q, k, v, g, beta, h0, Ai=None) -> dict:
+    """prep and the sequential pass: G (gc), row norms (rn), M and pair_strict(k, k) per chunk row (Mqk,
+    Mkk), A (Ai; taken as given if passed: the backward reuses the forward's), W, U, the state at every
+    chunk start (hs), v_new (vn), the final state (ht)."""
     TT, H, K, V, BT = p.B * p.T, p.H, p.K, p.V, p.BT
     dev, f32 = k.device, torch.float32
     new = lambda *shape: torch.empty(*shape, device=dev, dtype=f32)
     work = lambda *shape: torch.empty(*shape, device=dev, dtype=p.work)
     s = dict(gc=(new(TT, H, K) if p.decay == 2 else new(TT, H)) if p.decay else None,
              rn=new(TT, H, 2) if p.norm else None, Mqk=new(TT, H, BT),
-             Mkk=new(TT, H, BT) if p.delta else None, Ai=new(TT, H, BT) if p.delta else None,
+             Mkk=new(TT, H, BT) if p.delta else None, Ai=(new(TT, H, BT) if Ai is None else Ai) if p.delta else None,
              w=work(TT, H, K) if p.delta else None, u=work(TT, H, V) if p.delta else None,
              vn=work(TT, H, V) if p.delta else None, hs=work(p.NT, H, K, V), ht=new(p.N, H, K, V))
     x = k  # stands in for pointers a switch leaves unused
@@ -1012,8 +1017,8 @@ def _forward_states(p: _Plan, q, k, v, g, beta, h0) -> dict:
     if p.NT:
         _prep_kernel[(p.NT, H)](q, k, v, _or(g, x), _or(beta, x), o["gc"], o["rn"], o["Mqk"], o["Mkk"], o["Ai"],
                                 o["w"], o["u"], p.cu, p.cidx, p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK, BV=p.BV,
-                                BC=p.BC, NK=p.NK, NV=p.NV, HAS_BETA=p.has_beta, **p.switches(),
-                                **p.launch("_prep"))
+                                BC=p.BC, NK=p.NK, NV=p.NV, HAS_BETA=p.has_beta, HAVE_A=Ai is not None,
+                                **p.switches(), **p.launch("_prep"))
     _h_fwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
         k, v, _or(beta, x), o["gc"], o["rn"], o["w"], o["u"], _or(h0, x), s["hs"], o["vn"], s["ht"], p.cu,
         p.coff, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_BETA=p.has_beta, HAS_H0=h0 is not None,
@@ -1043,8 +1048,12 @@ class ChunkMemoryFunction(torch.autograd.Function):
                                              **p.switches(), **p.launch())
         ctx.save_for_backward(q, k, v, g, beta, initial_state)
         ctx.plan = p
-        if any(ctx.needs_input_grad) and _group_count(p) > 1:
-            p.copy_cu_to_host()
+        if any(ctx.needs_input_grad):
+            # The backward recomputes the other intermediates; A, the inverse, takes 12 of the prep
+            # kernel's BT x BT x BT products (and 3/4 of its work at head dim 64): kept, not recomputed.
+            ctx.Ai = s["Ai"]
+            if _group_count(p) > 1:
+                p.copy_cu_to_host()
         ctx.set_materialize_grads(False)  # an unused final state comes back as None: skip its gradient
         return o.view(v.shape), s["ht"]
 
@@ -1053,7 +1062,8 @@ class ChunkMemoryFunction(torch.autograd.Function):
         q, k, v, g, beta, initial_state = ctx.saved_tensors
         p = ctx.plan
         fq, fk, fv, fg, fb = (p.flat(x) for x in (q, k, v, g, beta))
-        ins = dict(q=fq, k=fk, v=fv, g=fg, beta=fb, do=torch.zeros_like(fv) if do is None else p.flat(do))
+        ins = dict(q=fq, k=fk, v=fv, g=fg, beta=fb, do=torch.zeros_like(fv) if do is None else p.flat(do),
+                   Ai=ctx.Ai)
         states = dict(h0=None if initial_state is None else initial_state.contiguous(),
                       dht=None if dht is None else dht.contiguous())
         grads = dict(dq=torch.empty_like(fq), dk=torch.empty_like(fk), dv=torch.empty_like(fv),
@@ -1100,9 +1110,9 @@ def _groups(p: "_Plan"):
     return [(p.group(s0, s1, cu[s0], cu[s1]), (s0, s1, cu[s0], cu[s1])) for s0, s1 in zip(bounds, bounds[1:])]
 
 
-def _backward(p: "_Plan", q, k, v, g, beta, do, h0, dht, dq, dk, dv, dg, db, dh0) -> None:
+def _backward(p: "_Plan", q, k, v, g, beta, do, Ai, h0, dht, dq, dk, dv, dg, db, dh0) -> None:
     """The gradients of the packed segments of plan p, written into dq, dk, dv, dg, db, dh0."""
-    s = _forward_states(p, q, k, v, g, beta, h0)
+    s = _forward_states(p, q, k, v, g, beta, h0, Ai)
     TT, H, K, V, BT = p.B * p.T, p.H, p.K, p.V, p.BT
     dev, f32 = v.device, torch.float32
     x = k  # stands in for pointers a switch leaves unused
