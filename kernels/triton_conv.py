@@ -108,8 +108,12 @@ def _dx_kernel(w, pos, dpre, dx, N, C, W: tl.constexpr, BN: tl.constexpr, BC: tl
              mask=(rows < N)[:, None] & cmask[None, :])
 
 
+# Tile of one program: BN rows (tokens) by at most BC channels. Module-level so benchmarks can try others.
+CONFIG = dict(BN=64, BC=128, num_warps=4)
+
+
 def _grid(N: int, C: int):
-    BN, BC = 64, min(128, triton.next_power_of_2(max(C, 16)))
+    BN, BC = CONFIG["BN"], min(CONFIG["BC"], triton.next_power_of_2(max(C, 16)))
     return BN, BC, (triton.cdiv(N, BN), triton.cdiv(C, BC))
 
 
@@ -124,7 +128,8 @@ class ShortConvFunction(torch.autograd.Function):
         ys = [x.new_empty(N, c) for c in split]  # contiguous, whatever the layout of x
         BN, BC, grid = _grid(N, C)
         if N:
-            _fwd_kernel[grid](x, x.stride(0), weight, bias, pos, *_blocks(ys), N, C, weight.shape[1], BN, BC)
+            _fwd_kernel[grid](x, x.stride(0), weight, bias, pos, *_blocks(ys), N, C, weight.shape[1], BN, BC,
+                              num_warps=CONFIG["num_warps"])
         ctx.save_for_backward(x, weight, bias, pos)
         return tuple(ys)
 
@@ -140,8 +145,8 @@ class ShortConvFunction(torch.autograd.Function):
         dx = x.new_empty(x.shape)
         if N:
             _dpre_kernel[grid](x, x.stride(0), weight, bias, pos, *_blocks([d.contiguous() for d in dys]), dpre,
-                               dw_part, db_part, N, C, W, BN, BC)
-            _dx_kernel[grid](weight, pos, dpre, dx, N, C, W, BN, BC)
+                               dw_part, db_part, N, C, W, BN, BC, num_warps=CONFIG["num_warps"])
+            _dx_kernel[grid](weight, pos, dpre, dx, N, C, W, BN, BC, num_warps=CONFIG["num_warps"])
         return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype), None, None
 
 
