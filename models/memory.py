@@ -2,8 +2,8 @@
 
 They are one module. A mixer holds M memories; each memory has its own key, value and gate projections
 and runs the shared core (`mom_bench.kernels.memory_op`) over the tokens it sees. Everything else is
-shared: the query projection, the short convolutions, the decay parameters, the gated output norm and
-the output projection.
+shared: the query projection, the short convolution (one over the q | k | v channels), the decay
+parameters, the gated output norm and the output projection.
 
 - num_memories = 0: one memory sees every token. This is the plain mixer of the chosen `kind`.
 - num_memories = E > 0: Mixture-of-Memories. A router sends each token to its top-k of E memories,
@@ -12,8 +12,9 @@ the output projection.
 
 Training packs the (token, memory) pairs into contiguous segments, one per (memory, sequence), ordered
 by memory, then sequence, then time (the sort key is unique, so time order is guaranteed, not hoped
-for); each memory's pairs take one projection product; the short convolutions run inside each segment;
-one varlen core call covers every memory; each token gathers its pairs' outputs and sums them, weighted.
+for); one grouped product projects every memory's pairs by that memory's matrix; the short convolution
+runs inside each segment; one varlen core call covers every memory; each token gathers its pairs' outputs
+and sums them, weighted. None of it waits for the GPU (no host sync).
 `step` does the same for one token with explicit state, and computes the same function (tested).
 `prefill` is the parallel form that also returns that state (each segment's final memory state and its
 convolution tails), so decoding a prompt costs one parallel pass, not one step per token.
