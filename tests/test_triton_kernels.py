@@ -175,6 +175,20 @@ def test_backward_in_segment_groups(algo, monkeypatch):
     assert [bounds for _, bounds in seen[0]] == [(0, 3, 0, 18), (3, 5, 18, 51), (5, 6, 51, 67), (6, 7, 67, 69)]
 
 
+@pytest.mark.parametrize("tokens,segments,H,K,groups", [
+    (3 * 16384, 40, 4, 256, 3),  # MoM layer, B8 x T2048: about 1.1 GB of workspace, 160 chains
+    (3 * 16384, 5, 4, 256, 1),  # B1 x T16384: 20 chains, too few to split
+    (3 * 65536, 640, 2, 64, 1),  # MQAR size: about 0.4 GB, under the budget
+])
+def test_backward_groups_at_benchmark_shapes(tokens, segments, H, K, groups):
+    """How many groups the backward plans at the MoM benchmark shapes (bf16, equal segments)."""
+    q = torch.empty(1, 1, H, K, dtype=torch.bfloat16).expand(1, tokens, H, K)
+    cu = torch.arange(segments + 1) * (tokens // segments)
+    cu[-1] = tokens
+    plan = TC._Plan(q, q, q, None, None, True, None, cu, True, 64)
+    assert len(TC._groups(plan)) == groups
+
+
 def test_empty_sequences():
     cu = torch.zeros(3, dtype=torch.long, device=DEVICE)
     check("gated_delta_rule", 1, 0, 2, 16, 16, 16, True, True, seed=2, cu_seqlens=cu, N=2)
