@@ -32,9 +32,10 @@ and h the state at the chunk start:
 The backward recomputes prep (but A, kept from the forward) and h from the inputs. Where that
 workspace would be large, it runs over groups of whole segments in turn (`_groups`).
 All accumulation is fp32; G, norms, M, A and the gradients wrt M and L are stored in fp32, the states,
-W, U, v_new and their gradients in bf16 for 16-bit inputs and fp32 otherwise; outputs take the dtype of v (o), of the inputs (gradients) and fp32 (states). Dots take
-fp32 operands (three-pass tf32 for fp32 inputs, tf32 otherwise), so no dot accumulator is ever cast to
-16 bits and transposed into another dot (the Hopper miscompile of ../shared/reference/gpu.md).
+W, U, v_new and their gradients in bf16 for 16-bit inputs and fp32 otherwise; outputs take the dtype of
+v (o), of the inputs (gradients) and fp32 (states). Dots take fp32 operands (three-pass tf32 for fp32
+inputs, tf32 otherwise), so no dot accumulator is ever cast to 16 bits and transposed into another dot
+(the Hopper miscompile of ../shared/reference/gpu.md).
 
 The per-channel pairwise terms sum_k a_tk b_sk e^{G_tk - G_sk} do not factor into one matrix product
 without risking overflow. In sub-chunks of BC = 16 they do: pairs across sub-chunks are products through
@@ -1009,7 +1010,8 @@ def _forward_states(p: _Plan, q, k, v, g, beta, h0, Ai=None) -> dict:
     work = lambda *shape: torch.empty(*shape, device=dev, dtype=p.work)
     s = dict(gc=(new(TT, H, K) if p.decay == 2 else new(TT, H)) if p.decay else None,
              rn=new(TT, H, 2) if p.norm else None, Mqk=new(TT, H, BT),
-             Mkk=new(TT, H, BT) if p.delta else None, Ai=(new(TT, H, BT) if Ai is None else Ai) if p.delta else None,
+             Mkk=new(TT, H, BT) if p.delta else None,
+             Ai=(new(TT, H, BT) if Ai is None else Ai) if p.delta else None,
              w=work(TT, H, K) if p.delta else None, u=work(TT, H, V) if p.delta else None,
              vn=work(TT, H, V) if p.delta else None, hs=work(p.NT, H, K, V), ht=new(p.N, H, K, V))
     x = k  # stands in for pointers a switch leaves unused
@@ -1066,17 +1068,17 @@ class ChunkMemoryFunction(torch.autograd.Function):
                    Ai=ctx.Ai)
         states = dict(h0=None if initial_state is None else initial_state.contiguous(),
                       dht=None if dht is None else dht.contiguous())
-        grads = dict(dq=torch.empty_like(fq), dk=torch.empty_like(fk), dv=torch.empty_like(fv),
-                     dg=None if fg is None else torch.empty_like(fg), db=None if fb is None else torch.empty_like(fb))
+        like = lambda t: None if t is None else torch.empty_like(t)
+        grads = dict(dq=like(fq), dk=like(fk), dv=like(fv), dg=like(fg), db=like(fb))
         dstates = dict(dh0=None if initial_state is None else
                        torch.empty(p.N, p.H, p.K, p.V, device=fv.device, dtype=torch.float32))
         cut = lambda d, lo, hi: {n: None if t is None else t[lo:hi] for n, t in d.items()}
         for sp, (s0, s1, t0, t1) in _groups(p):  # each group's tokens and states are row slices: views
             _backward(sp, **cut(ins, t0, t1), **cut(states, s0, s1), **cut(grads, t0, t1), **cut(dstates, s0, s1))
         dh0 = dstates["dh0"]
-        return (grads["dq"].view(q.shape), grads["dk"].view(k.shape), grads["dv"].view(v.shape),
-                None if g is None else grads["dg"].view(g.shape), None if beta is None else grads["db"].view(beta.shape),
-                None if dh0 is None else dh0.to(initial_state.dtype), None, None, None, None, None)
+        shaped = [None if t is None else grads[n].view(t.shape) for n, t in
+                  zip(("dq", "dk", "dv", "dg", "db"), (q, k, v, g, beta))]
+        return (*shaped, None if dh0 is None else dh0.to(initial_state.dtype), None, None, None, None, None)
 
 
 # The backward recomputes the forward's intermediates and adds their gradients. What is alive at once

@@ -8,11 +8,11 @@ w (C, W), w[:, W-1] applied to the current token:
     y[t] = silu(b + sum_{j < W} w[:, W-1-j] * x[t-j] * [pos[t] >= j])
 
 The reference is a few shifted products. On a GPU that is about twenty full passes over (N, C) per
-convolution, forward and backward, plus a reduction per tap, and the MoM layer convolves q, k and v
-over every routed copy of every token. The kernels read x once forward; backward is two passes: the
-gradient before the SiLU with per-block partial sums for w and b, then dx. The MoM layer convolves q, k
-and v in one call: the output can be split into up to three column blocks, each its own contiguous array
-(what the core reads), and their gradients come back as three arrays too.
+convolution, forward and backward, plus a reduction per tap, over every routed copy of every token. The
+kernels read x once forward; backward is two passes: the gradient before the SiLU with per-block partial
+sums for w and b, then dx. The MoM layer convolves q, k and v in one call: the output can be split into
+up to three column blocks, each its own contiguous array (what the core reads), and their gradients come
+back as three arrays too.
 """
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def _block_offsets(rows, cols, C0, C1, C):
 
 
 @triton.jit
-def _fwd_kernel(x, sx, w, b, pos, y0, y1, y2, C0, C1, N, C, W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+def _fwd_kernel(x, sx, w, b, pos, y0, y1, y2, C0, C1, N, C, W: tl.constexpr, BN: tl.constexpr,
+                BC: tl.constexpr):
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     pos_r = tl.load(pos + rows, mask=rows < N, other=0)
