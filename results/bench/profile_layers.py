@@ -1,10 +1,10 @@
 """Profile our layers' fwd+bwd on a GPU (bf16): do_bench time, CPU time to enqueue one call, host syncs per
 call, peak memory above the inputs, then torch.profiler tables by CPU and by CUDA time (3 calls summed).
 
-    python results/bench/profile_layers.py [mqar] [big] [gdn]
+    python results/bench/profile_layers.py [mqar] [big] [long] [gdn]
 
 mqar: MoM at MQAR size (hidden 128, 2x64 heads, B128 x T512); big: MoM, hidden 1024, 4x256 heads,
-B8 x T2048; gdn: our plain Gated DeltaNet layer at the big shape. Used for the breakdown in README.md."""
+B8 x T2048; long: the same at B1 x T16384; gdn: our plain Gated DeltaNet layer at the big shape. Used for the breakdown in README.md."""
 import sys
 import time
 
@@ -17,6 +17,7 @@ from mom_bench.models import MemoryMixer
 CASES = {  # name: (B, T, hidden, heads, head dim, routed memories)
     "mqar": (128, 512, 128, 2, 64, 4),
     "big": (8, 2048, 1024, 4, 256, 4),
+    "long": (1, 16384, 1024, 4, 256, 4),
     "gdn": (8, 2048, 1024, 4, 256, 0),
 }
 
