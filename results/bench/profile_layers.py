@@ -4,7 +4,8 @@ call, peak memory above the inputs, then torch.profiler tables by CPU and by CUD
     python results/bench/profile_layers.py [mqar] [big] [long] [gdn]
 
 mqar: MoM at MQAR size (hidden 128, 2x64 heads, B128 x T512); big: MoM, hidden 1024, 4x256 heads,
-B8 x T2048; long: the same at B1 x T16384; gdn: our plain Gated DeltaNet layer at the big shape. Used for the breakdown in README.md."""
+B8 x T2048; long: the same at B1 x T16384; gdn: our plain Gated DeltaNet layer at the big shape. Used for
+the breakdown in README.md."""
 import sys
 import time
 
