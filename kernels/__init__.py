@@ -1,10 +1,10 @@
 """The shared memory core of every mom_bench mixer.
 
 `memory_op` runs the chunked (parallel) form, `memory_step` one decoding step, `short_conv` the short
-convolution before the recurrence. Both take the switches of
-`reference` (decay g, beta, delta rule, q/k normalisation). Two backends compute the same function:
-the PyTorch references (`reference.py`) and the Triton kernels (`triton_chunk.py`). Models never pick
-one; the switch here does:
+convolution before the recurrence, `gated_rms_norm` the gated norm after it. The first two take the
+switches of `reference` (decay g, beta, delta rule, q/k normalisation). Two backends compute the same
+functions: the PyTorch references (`reference.py`) and the Triton kernels (`triton_chunk.py`,
+`triton_conv.py`, `triton_norm.py`). Models never pick one; the switch here does:
 
     MOM_BENCH_BACKEND=torch | triton | auto   (or `set_backend(...)`)
 
@@ -59,11 +59,19 @@ def short_conv(x, weight, bias, pos, split=()):
     return triton_short_conv(x, weight, bias, pos, split)
 
 
+def gated_rms_norm(x, gate, weight, eps=1e-6):
+    """RMSNorm over each head's channels, times silu(gate) (see `reference.gated_rms_norm`)."""
+    if _triton(x) is None:
+        return reference.gated_rms_norm(x, gate, weight, eps)
+    from .triton_norm import gated_rms_norm as triton_gated_rms_norm
+    return triton_gated_rms_norm(x, gate, weight, eps)
+
+
 def memory_step(q, k, v, state, g=None, beta=None, delta=False, scale=None, normalize_qk=False):
     kw = dict(g=g, beta=beta, delta=delta, scale=scale, normalize_qk=normalize_qk)
     tc = _triton(q)
     return tc.step_memory(q, k, v, state, **kw) if tc else reference.step(q, k, v, state, **kw)
 
 
-__all__ = ["memory_op", "memory_step", "short_conv", "set_backend", "get_backend", "reference", "l2norm",
+__all__ = ["memory_op", "memory_step", "short_conv", "gated_rms_norm", "set_backend", "get_backend", "reference", "l2norm",
            "segment_positions"]

@@ -213,3 +213,11 @@ def short_conv(x: Tensor, weight: Tensor, bias: Tensor, pos: Tensor) -> Tensor:
         shifted = F.pad(x, (0, 0, j, 0))[: x.shape[0]]  # x[t - j], zero where the tap leaves its segment
         out = out + shifted * (pos >= j)[:, None].to(x.dtype) * weight[:, -1 - j]
     return F.silu(out)
+
+
+def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """The memory mixers' output norm: RMSNorm over each head's V channels, times silu of the gate.
+    x (..., H, V), gate (..., H * V), weight (V,) -> (..., H * V)."""
+    xf = x.float()
+    n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    return n.flatten(-2) * F.silu(gate)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import short_conv
+from ..kernels import gated_rms_norm, short_conv
 
 Tensor = torch.Tensor
 
@@ -32,7 +32,7 @@ class GatedHeadNorm(nn.Module):
 
     def forward(self, o: Tensor, gate: Tensor) -> Tensor:
         """o: (..., H, V); gate: (..., H * V). Returns (..., H * V)."""
-        return self.norm(o).flatten(-2) * F.silu(gate)
+        return gated_rms_norm(o, gate, self.norm.weight, self.norm.eps)
 
 
 class ShortConv(nn.Module):
