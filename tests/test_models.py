@@ -112,6 +112,18 @@ def test_grouped_projection_equals_per_group_products(dtype):
     assert (grads[1][2][1] == 0).all()  # the empty group's matrix gets no gradient
 
 
+def test_grouped_projection_under_autocast_runs_like_a_matmul():
+    """Autocast leaves torch's grouped product in fp32; ours casts as for `x @ w` (bf16 here)."""
+    torch.manual_seed(6)
+    x, w = torch.randn(12, 16), torch.randn(2, 16, 8)
+    ends = torch.tensor([5, 12], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_mm(x, w, ends)
+        want = torch.cat([x[:5] @ w[0], x[5:] @ w[1]])
+    assert y.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want)
+
+
 def test_mom_layer_equals_memories_run_one_by_one():
     """Each memory sees only its tokens, in order, untouched in between: rebuild the output by hand."""
     torch.manual_seed(2)
