@@ -73,5 +73,5 @@ def memory_step(q, k, v, state, g=None, beta=None, delta=False, scale=None, norm
     return tc.step_memory(q, k, v, state, **kw) if tc else reference.step(q, k, v, state, **kw)
 
 
-__all__ = ["memory_op", "memory_step", "short_conv", "gated_rms_norm", "set_backend", "get_backend", "reference", "l2norm",
-           "segment_positions"]
+__all__ = ["memory_op", "memory_step", "short_conv", "gated_rms_norm", "set_backend", "get_backend", "reference",
+           "l2norm", "segment_positions"]

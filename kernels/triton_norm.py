@@ -88,8 +88,8 @@ class GatedRMSNormFunction(torch.autograd.Function):
         dx, dg = torch.empty_like(xr), torch.empty_like(gr)
         dw_part = torch.zeros(triton.cdiv(R, BR), V, device=xr.device, dtype=torch.float32)
         if R:
-            _bwd_kernel[(triton.cdiv(R, BR),)](xr, gr, weight.contiguous(), rstd, dy.reshape(R, V).contiguous(), dx,
-                                               dg, dw_part, R, V, BR, BV)
+            dyr = dy.reshape(R, V).contiguous()
+            _bwd_kernel[(triton.cdiv(R, BR),)](xr, gr, weight.contiguous(), rstd, dyr, dx, dg, dw_part, R, V, BR, BV)
         x_shape, g_shape = ctx.shapes
         return dx.view(x_shape), dg.view(g_shape), dw_part.sum(0).to(weight.dtype), None
 

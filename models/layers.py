@@ -28,11 +28,12 @@ class GatedHeadNorm(nn.Module):
 
     def __init__(self, head_dim: int, eps: float = 1e-6):
         super().__init__()
-        self.norm = RMSNorm(head_dim, eps)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(head_dim))
 
     def forward(self, o: Tensor, gate: Tensor) -> Tensor:
         """o: (..., H, V); gate: (..., H * V). Returns (..., H * V)."""
-        return gated_rms_norm(o, gate, self.norm.weight, self.norm.eps)
+        return gated_rms_norm(o, gate, self.weight, self.eps)
 
 
 class ShortConv(nn.Module):

@@ -30,4 +30,5 @@ for N, C, nseg in ((49152, 3072, 40), (196608, 384, 640)):
         got = run()
         err = max(((g.float() - r.float()).abs().max() / r.float().abs().max()).item() for g, r in zip(got, ref))
         ms = do_bench(run, rep=100)
-        print(f"N{N} C{C} BN{BN} BC{BC} warps{nw}: fwd+bwd {ms:.3f} ms  max rel diff vs default {err:.1e}", flush=True)
+        print(f"N{N} C{C} BN{BN} BC{BC} warps{nw}: fwd+bwd {ms:.3f} ms  max rel diff vs default {err:.1e}",
+              flush=True)
