@@ -41,49 +41,59 @@ def _pre(x, sx, w, b, pos_r, rows, cols, N, C, W: tl.constexpr):
 
 
 @triton.jit
-def _block_offsets(rows, cols, C0, C1, C):
-    """Where (rows, cols) of an (N, C) array lie when it is held as three row-major arrays of C0, C1 and
-    C - C0 - C1 columns: the offset in each, and which one holds each column."""
-    in1 = (cols >= C0) & (cols < C0 + C1)
-    in2 = cols >= C0 + C1
-    width = tl.where(in2, C - C0 - C1, tl.where(in1, C1, C0))
-    col = cols - tl.where(in2, C0 + C1, tl.where(in1, C0, 0))
-    return rows[:, None] * width[None, :] + col[None, :], (~in1 & ~in2)[None, :], in1[None, :], in2[None, :]
+def _load_split(y0, y1, y2, C0, C1, C2, c0, rows, cols, m):
+    """The (rows, cols) tile of an (N, C0 + C1 + C2) array held as three row-major arrays of C0, C1 and C2
+    columns; c0 is the tile's first column, and the tile lies in one block. Each block is addressed with
+    its own width, a kernel argument, so its loads stay vectorised (16 bytes when the widths are
+    multiples of 16; an offset selected per column would make them one element each)."""
+    if c0 < C0:
+        t = tl.load(y0 + rows[:, None] * C0 + cols[None, :], mask=m, other=0.0)
+    elif c0 < C0 + C1:
+        t = tl.load(y1 + rows[:, None] * C1 + (cols - C0)[None, :], mask=m, other=0.0)
+    else:
+        t = tl.load(y2 + rows[:, None] * C2 + (cols - C0 - C1)[None, :], mask=m, other=0.0)
+    return t
 
 
 @triton.jit
-def _fwd_kernel(x, sx, w, b, pos, y0, y1, y2, C0, C1, N, C, W: tl.constexpr, BN: tl.constexpr,
+def _store_split(y0, y1, y2, C0, C1, C2, c0, rows, cols, val, m):
+    """Store a tile into the three arrays of `_load_split`."""
+    if c0 < C0:
+        tl.store(y0 + rows[:, None] * C0 + cols[None, :], val.to(y0.dtype.element_ty), mask=m)
+    elif c0 < C0 + C1:
+        tl.store(y1 + rows[:, None] * C1 + (cols - C0)[None, :], val.to(y1.dtype.element_ty), mask=m)
+    else:
+        tl.store(y2 + rows[:, None] * C2 + (cols - C0 - C1)[None, :], val.to(y2.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _fwd_kernel(x, sx, w, b, pos, y0, y1, y2, C0, C1, C2, N, C, W: tl.constexpr, BN: tl.constexpr,
                 BC: tl.constexpr):
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    c0 = tl.program_id(1) * BC
+    cols = c0 + tl.arange(0, BC)
     pos_r = tl.load(pos + rows, mask=rows < N, other=0)
     pre = _pre(x, sx, w, b, pos_r, rows, cols, N, C, W)
-    out = (pre * tl.sigmoid(pre)).to(y0.dtype.element_ty)
-    off, in0, in1, in2 = _block_offsets(rows, cols, C0, C1, C)
     m = (rows < N)[:, None] & (cols < C)[None, :]
-    tl.store(y0 + off, out, mask=m & in0)
-    tl.store(y1 + off, out, mask=m & in1)
-    tl.store(y2 + off, out, mask=m & in2)
+    _store_split(y0, y1, y2, C0, C1, C2, c0, rows, cols, pre * tl.sigmoid(pre), m)
 
 
 @triton.jit
-def _dpre_kernel(x, sx, w, b, pos, dy0, dy1, dy2, C0, C1, dpre, dw_part, db_part, N, C, W: tl.constexpr,
-                 BN: tl.constexpr, BC: tl.constexpr):
+def _dpre_kernel(x, sx, w, b, pos, dy0, dy1, dy2, C0, C1, C2, dpre, dw_part, db_part, N, C,
+                 W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
     """dpre = dy * silu'(pre), and this row block's share of dw and db (summed over blocks on the host)."""
     i_n = tl.program_id(0)
     rows = i_n * BN + tl.arange(0, BN)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    c0 = tl.program_id(1) * BC
+    cols = c0 + tl.arange(0, BC)
     rmask, cmask = rows < N, cols < C
     pos_r = tl.load(pos + rows, mask=rmask, other=0)
     pre = _pre(x, sx, w, b, pos_r, rows, cols, N, C, W)
     sig = tl.sigmoid(pre)
-    off, in0, in1, in2 = _block_offsets(rows, cols, C0, C1, C)
     m = rmask[:, None] & cmask[None, :]
-    g = (tl.load(dy0 + off, mask=m & in0, other=0.0).to(tl.float32) +
-         tl.load(dy1 + off, mask=m & in1, other=0.0).to(tl.float32) +
-         tl.load(dy2 + off, mask=m & in2, other=0.0).to(tl.float32))
+    g = _load_split(dy0, dy1, dy2, C0, C1, C2, c0, rows, cols, m).to(tl.float32)
     d = g * sig * (1 + pre * (1 - sig))
-    tl.store(dpre + rows[:, None] * C + cols[None, :], d, mask=rmask[:, None] & cmask[None, :])
+    tl.store(dpre + rows[:, None] * C + cols[None, :], d, mask=m)
     tl.store(db_part + i_n * C + cols, tl.sum(d, 0), mask=cmask)
     for j in tl.static_range(W):
         src = rows - j
@@ -113,25 +123,32 @@ def _dx_kernel(w, pos, dpre, dx, N, C, W: tl.constexpr, BN: tl.constexpr, BC: tl
 CONFIG = dict(BN=64, BC=128, num_warps=4)
 
 
-def _grid(N: int, C: int):
-    BN, BC = CONFIG["BN"], min(CONFIG["BC"], triton.next_power_of_2(max(C, 16)))
-    return BN, BC, (triton.cdiv(N, BN), triton.cdiv(C, BC))
+def _grid(N: int, split: Sequence[int]):
+    """Tile sizes and grid. A column tile must lie inside one output block: BC divides every block's
+    width but the last (whose tail the column mask covers)."""
+    BC = min(CONFIG["BC"], triton.next_power_of_2(max(sum(split), 16)))
+    for width in split[:-1]:
+        if width:
+            BC = min(BC, width & -width)  # the largest power of two dividing the width
+    return CONFIG["BN"], BC, (triton.cdiv(N, CONFIG["BN"]), triton.cdiv(sum(split), BC))
 
 
 class ShortConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, pos, split):
         # x may be a column block of a wider array (the MoM projections are one product): rows may be
-        # any distance apart, but each row must be contiguous.
+        # any distance apart, but each row must be contiguous. A distance that is a multiple of 16
+        # elements keeps the loads vectorised (Triton specialises integer arguments on it).
         x = x if x.stride(-1) == 1 else x.contiguous()
         weight, bias, pos = weight.contiguous(), bias.contiguous(), pos.contiguous()
         N, C = x.shape
         ys = [x.new_empty(N, c) for c in split]  # contiguous, whatever the layout of x
-        BN, BC, grid = _grid(N, C)
+        BN, BC, grid = _grid(N, split)
         if N:
             _fwd_kernel[grid](x, x.stride(0), weight, bias, pos, *_blocks(ys), N, C, weight.shape[1], BN, BC,
                               num_warps=CONFIG["num_warps"])
         ctx.save_for_backward(x, weight, bias, pos)
+        ctx.split = split
         return tuple(ys)
 
     @staticmethod
@@ -139,7 +156,7 @@ class ShortConvFunction(torch.autograd.Function):
         x, weight, bias, pos = ctx.saved_tensors
         N, C = x.shape
         W = weight.shape[1]
-        BN, BC, grid = _grid(N, C)
+        BN, BC, grid = _grid(N, ctx.split)
         dpre = torch.empty(N, C, device=x.device, dtype=torch.float32)
         dw_part = torch.zeros(grid[0], C, W, device=x.device, dtype=torch.float32)
         db_part = torch.zeros(grid[0], C, device=x.device, dtype=torch.float32)
@@ -152,11 +169,11 @@ class ShortConvFunction(torch.autograd.Function):
 
 
 def _blocks(ts):
-    """Kernel arguments for up to three column blocks: three pointers and the widths of the first two."""
+    """Kernel arguments for up to three column blocks: three pointers and three widths."""
     if len(ts) > 3:
         raise ValueError(f"the short convolution splits its output into at most 3 blocks, got {len(ts)}")
     widths = [t.shape[1] for t in ts] + [0, 0]
-    return (*ts, *[ts[0]] * (3 - len(ts)), widths[0], widths[1])
+    return (*ts, *[ts[0]] * (3 - len(ts)), *widths[:3])
 
 
 def short_conv(x: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, split: Sequence[int] = ()):

@@ -144,10 +144,11 @@ class MemoryMixer(nn.Module):
         return probs, weight / weight.sum(-1, keepdim=True), index
 
     def _in_weights(self, dtype) -> Tensor:
-        """(M, D, q|k|v|a|b columns, zero-padded to a multiple of 8): every memory's input projection. The
-        grouped product needs rows of a multiple of 16 bytes."""
+        """(M, D, q|k|v|a|b columns, zero-padded to a multiple of 16): every memory's input projection. The
+        grouped product needs rows of a multiple of 16 bytes, and the convolution reads q|k|v with
+        vectorised loads only when its rows are a multiple of 16 elements apart."""
         D, n = self.d_model, sum(self.widths)
-        pad = self.w_q.new_zeros(self.M, D, -n % 8)
+        pad = self.w_q.new_zeros(self.M, D, -n % 16)
         return torch.cat([self.w_q.expand(self.M, D, -1), self.w_in, pad], -1).to(dtype)
 
     def _split(self, proj: Tensor, with_q: bool = True) -> Tuple[Tensor, ...]:

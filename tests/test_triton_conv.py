@@ -57,28 +57,31 @@ def test_short_conv_reads_a_column_block_of_a_wider_array():
     check([5, 0, 1, 70], 20, 4, pad=3)
 
 
-def test_short_conv_split_into_column_blocks():
-    """One convolution over q | k | v, its output as three contiguous arrays: each equals its block of
-    the reference, and the three gradients come back to the one input, taps and bias."""
+@pytest.mark.parametrize("split", [(16, 16, 8), (24, 40, 12), (8, 3)])
+def test_short_conv_split_into_column_blocks(split):
+    """One convolution over q | k | v, its output as separate contiguous arrays: each equals its block of
+    the reference, and the gradients come back to the one input, taps and bias. The widths set the column
+    tile (it must not straddle two arrays): 16, 8 and 8 here, with a ragged last array."""
     torch.manual_seed(7)
+    C = sum(split)
     cu = torch.tensor([0, 5, 5, 6, 76], device=DEVICE)
     _, pos = segment_positions(cu)
-    x = torch.randn(76, 40, device=DEVICE)
-    w, b = torch.randn(40, 4, device=DEVICE) / 2, torch.randn(40, device=DEVICE)
-    dys = [torch.randn(76, c, device=DEVICE) for c in (16, 16, 8)]
+    x = torch.randn(76, C + 5, device=DEVICE)[:, 2:C + 2]  # rows an odd distance apart
+    w, b = torch.randn(C, 4, device=DEVICE) / 2, torch.randn(C, device=DEVICE)
+    dys = [torch.randn(76, c, device=DEVICE) for c in split]
     outs = []
-    for fn, split in ((reference.short_conv, None), (short_conv, (16, 16, 8))):
-        leaves = [t.double().requires_grad_() if split is None else t.clone().requires_grad_() for t in (x, w, b)]
-        ys = fn(*leaves, pos) if split is None else fn(*leaves, pos, split)
-        ys = ys.split([16, 16, 8], -1) if split is None else ys
+    for fn, blocks in ((reference.short_conv, None), (short_conv, split)):
+        leaves = [t.double().requires_grad_() if blocks is None else t.clone().requires_grad_() for t in (x, w, b)]
+        ys = fn(*leaves, pos) if blocks is None else fn(*leaves, pos, blocks)
+        ys = ys.split(split, -1) if blocks is None else ys
         torch.autograd.backward(ys, [d.to(ys[0].dtype) for d in dys])
         outs.append([torch.cat(ys, 1)] + [t.grad for t in leaves])
-        if split:
-            assert all(y.is_contiguous() for y in ys) and [y.shape[1] for y in ys] == [16, 16, 8]
+        if blocks:
+            assert all(y.is_contiguous() for y in ys) and [y.shape[1] for y in ys] == list(split)
     for name, r, g in zip(("y", "dx", "dw", "db"), *outs):
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5, msg=name)
     with pytest.raises(ValueError, match="must sum to"):
-        short_conv(x, w, b, pos, (16, 16))
+        short_conv(x, w, b, pos, split[:-1])
 
 
 @pytest.mark.gpu
@@ -87,3 +90,4 @@ def test_short_conv_split_into_column_blocks():
 def test_gpu_short_conv(dtype, tol):
     check([1000, 0, 1, 3, 4096, 63, 64], 1024, 4, dtype, tol)
     check([1000, 0, 1, 3, 4096, 63, 64], 1024, 4, dtype, tol, pad=1024)
+    check([1000, 0, 1, 3, 4096, 63, 64], 1024, 4, dtype, tol, pad=8)  # rows not 16-aligned: scalar loads
