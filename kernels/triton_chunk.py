@@ -294,9 +294,10 @@ def _prep_kernel(q, k, v, g, beta, gc, rn, Mqk, Mkk, Ai, w, u, cu, cidx, scale,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                  BV: tl.constexpr, BC: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, DECAY: tl.constexpr,
                  HAS_BETA: tl.constexpr, DELTA: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr,
-                 HAVE_A: tl.constexpr):
+                 HAVE_A: tl.constexpr, WANT_U: tl.constexpr):
     """Per chunk: row norms, G, M = pair(q, k) and for the delta rule pair_strict(k, k), A, W, U; the
-    products over K are summed over K blocks. HAVE_A: A is read from Ai (the forward's), not computed."""
+    products over K are summed over K blocks. HAVE_A: A is read from Ai (the forward's), not computed.
+    WANT_U: U is computed (only the sequential pass reads it)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     offs, valid, t_last, live = _chunk_rows(cu, cidx, i_t, BT)
     if not live:  # a chunk past the real count: nothing to do
@@ -372,9 +373,11 @@ def _prep_kernel(q, k, v, g, beta, gc, rn, Mqk, Mkk, Ai, w, u, cu, cidx, scale,
                 Gb, Gb_last = _decay_cols(gc, offs, valid, t_last, i_h, i_k * BK, H, K, BK)
                 kb = kb * tl.exp(Gb)
             _store_tile(w + i_h * K, tl.dot(A, kb, input_precision=PREC), offs, valid, i_k * BK, H * K, K, BK)
-        for i_v in range(NV):
-            vb = _load_tile(v + i_h * V, offs, valid, i_v * BV, H * V, V, BV) * b[:, None]
-            _store_tile(u + i_h * V, tl.dot(A, vb, input_precision=PREC), offs, valid, i_v * BV, H * V, V, BV)
+        if WANT_U:
+            for i_v in range(NV):
+                vb = _load_tile(v + i_h * V, offs, valid, i_v * BV, H * V, V, BV) * b[:, None]
+                _store_tile(u + i_h * V, tl.dot(A, vb, input_precision=PREC), offs, valid, i_v * BV, H * V, V,
+                            BV)
 
 
 @triton.jit
@@ -1000,27 +1003,33 @@ class _Plan:
         return None if x is None else x.reshape((self.B * self.T,) + tuple(x.shape[2:])).contiguous()
 
 
-def _forward_states(p: _Plan, q, k, v, g, beta, h0, Ai=None) -> dict:
+def _forward_states(p: _Plan, q, k, v, g, beta, h0, Ai=None, kept=None) -> dict:
     """prep and the sequential pass: G (gc), row norms (rn), M and pair_strict(k, k) per chunk row (Mqk,
     Mkk), A (Ai; taken as given if passed: the backward reuses the forward's), W, U, the state at every
-    chunk start (hs), v_new (vn), the final state (ht)."""
+    chunk start (hs), v_new (vn), the final state (ht). With `kept` (hs and vn, the forward's), the
+    sequential pass is not run again."""
     TT, H, K, V, BT = p.B * p.T, p.H, p.K, p.V, p.BT
     dev, f32 = k.device, torch.float32
     new = lambda *shape: torch.empty(*shape, device=dev, dtype=f32)
     work = lambda *shape: torch.empty(*shape, device=dev, dtype=p.work)
+    seq = p.delta and kept is None  # U is read by the sequential pass only
     s = dict(gc=(new(TT, H, K) if p.decay == 2 else new(TT, H)) if p.decay else None,
              rn=new(TT, H, 2) if p.norm else None, Mqk=new(TT, H, BT),
              Mkk=new(TT, H, BT) if p.delta else None,
              Ai=(new(TT, H, BT) if Ai is None else Ai) if p.delta else None,
-             w=work(TT, H, K) if p.delta else None, u=work(TT, H, V) if p.delta else None,
-             vn=work(TT, H, V) if p.delta else None, hs=work(p.NT, H, K, V), ht=new(p.N, H, K, V))
+             w=work(TT, H, K) if p.delta else None, u=work(TT, H, V) if seq else None)
     x = k  # stands in for pointers a switch leaves unused
     o = {n: _or(t, x) for n, t in s.items()}
     if p.NT:
         _prep_kernel[(p.NT, H)](q, k, v, _or(g, x), _or(beta, x), o["gc"], o["rn"], o["Mqk"], o["Mkk"], o["Ai"],
                                 o["w"], o["u"], p.cu, p.cidx, p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK, BV=p.BV,
                                 BC=p.BC, NK=p.NK, NV=p.NV, HAS_BETA=p.has_beta, HAVE_A=Ai is not None,
-                                **p.switches(), **p.launch("_prep"))
+                                WANT_U=seq, **p.switches(), **p.launch("_prep"))
+    if kept is not None:
+        s.update(kept)
+        return s
+    s.update(hs=work(p.NT, H, K, V), vn=work(TT, H, V) if p.delta else None, ht=new(p.N, H, K, V))
+    o = {n: _or(t, x) for n, t in s.items()}
     _h_fwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
         k, v, _or(beta, x), o["gc"], o["rn"], o["w"], o["u"], _or(h0, x), s["hs"], o["vn"], s["ht"], p.cu,
         p.coff, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_BETA=p.has_beta, HAS_H0=h0 is not None,
@@ -1054,6 +1063,7 @@ class ChunkMemoryFunction(torch.autograd.Function):
             # The backward recomputes the other intermediates; A, the inverse, takes 12 of the prep
             # kernel's BT x BT x BT products (and 3/4 of its work at head dim 64): kept, not recomputed.
             ctx.Ai = s["Ai"]
+            ctx.kept = _keep(p, s)
             if _group_count(p) > 1:
                 p.copy_cu_to_host()
         ctx.set_materialize_grads(False)  # an unused final state comes back as None: skip its gradient
@@ -1074,7 +1084,8 @@ class ChunkMemoryFunction(torch.autograd.Function):
                        torch.empty(p.N, p.H, p.K, p.V, device=fv.device, dtype=torch.float32))
         cut = lambda d, lo, hi: {n: None if t is None else t[lo:hi] for n, t in d.items()}
         for sp, (s0, s1, t0, t1) in _groups(p):  # each group's tokens and states are row slices: views
-            _backward(sp, **cut(ins, t0, t1), **cut(states, s0, s1), **cut(grads, t0, t1), **cut(dstates, s0, s1))
+            _backward(sp, **cut(ins, t0, t1), **cut(states, s0, s1), **cut(grads, t0, t1), **cut(dstates, s0, s1),
+                      kept=ctx.kept)
         dh0 = dstates["dh0"]
         shaped = [None if t is None else grads[n].view(t.shape) for n, t in
                   zip(("dq", "dk", "dv", "dg", "db"), (q, k, v, g, beta))]
@@ -1090,6 +1101,17 @@ class ChunkMemoryFunction(torch.autograd.Function):
 # on the host; cu_seqlens on the GPU are copied to it during the forward, without waiting for the GPU.
 WORKSPACE_BYTES = 512 * 2 ** 20
 MIN_CHAINS = 32
+# The forward keeps its chunk states and v_new for the backward when the backward runs as one group and
+# they take at most KEEP_BYTES. They are the sequential pass's output, whose run time is set by the
+# chain length, not the work: with few long segments (B1 x T16384: 20 chains of up to 256 chunks) that
+# pass takes about a fifth of the MoM layer's time, and recomputing it in the backward costs as much again.
+KEEP_BYTES = WORKSPACE_BYTES
+
+
+def _keep(p: "_Plan", s: dict) -> Optional[dict]:
+    kept = dict(hs=s["hs"], vn=s["vn"])
+    size = sum(t.numel() * t.element_size() for t in kept.values() if t is not None)
+    return kept if _group_count(p) < 2 and size <= KEEP_BYTES else None
 
 
 def _group_count(p: "_Plan") -> int:
@@ -1112,9 +1134,10 @@ def _groups(p: "_Plan"):
     return [(p.group(s0, s1, cu[s0], cu[s1]), (s0, s1, cu[s0], cu[s1])) for s0, s1 in zip(bounds, bounds[1:])]
 
 
-def _backward(p: "_Plan", q, k, v, g, beta, do, Ai, h0, dht, dq, dk, dv, dg, db, dh0) -> None:
-    """The gradients of the packed segments of plan p, written into dq, dk, dv, dg, db, dh0."""
-    s = _forward_states(p, q, k, v, g, beta, h0, Ai)
+def _backward(p: "_Plan", q, k, v, g, beta, do, Ai, h0, dht, dq, dk, dv, dg, db, dh0, kept=None) -> None:
+    """The gradients of the packed segments of plan p, written into dq, dk, dv, dg, db, dh0; `kept`: the
+    forward's chunk states and v_new, when it kept them (then p covers every segment)."""
+    s = _forward_states(p, q, k, v, g, beta, h0, Ai, kept)
     TT, H, K, V, BT = p.B * p.T, p.H, p.K, p.V, p.BT
     dev, f32 = v.device, torch.float32
     x = k  # stands in for pointers a switch leaves unused

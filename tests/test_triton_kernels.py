@@ -175,6 +175,28 @@ def test_backward_in_segment_groups(algo, monkeypatch):
     assert [bounds for _, bounds in seen[0]] == [(0, 3, 0, 18), (3, 5, 18, 51), (5, 6, 51, 67), (6, 7, 67, 69)]
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "recomputed"])
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_backward_keeps_or_recomputes_the_states(algo, keep, monkeypatch):
+    """Within KEEP_BYTES the backward reads the forward's chunk states and v_new and runs the sequential
+    pass no more (one launch in all); with a budget of 0 it recomputes them in one group (two launches).
+    The gradients match the reference either way, with empty segments and an initial state."""
+    if not keep:
+        monkeypatch.setattr(TC, "KEEP_BYTES", 0)
+    launches, kernel = [], TC._h_fwd_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(TC, "_h_fwd_kernel", Counted())
+    lens = [0, 1, 17, 0, 33]
+    cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0)
+    check(algo, 1, sum(lens), 1, 16, 32, 16, True, ALGORITHMS[algo][2], seed=13, cu_seqlens=cu, N=len(lens))
+    assert len(launches) == (1 if keep else 2)
+
+
 @pytest.mark.parametrize("tokens,segments,H,K,groups", [
     (3 * 16384, 40, 4, 256, 3),  # MoM layer, B8 x T2048: about 1.1 GB of workspace, 160 chains
     (3 * 16384, 5, 4, 256, 1),  # B1 x T16384: 20 chains, too few to split
