@@ -1,10 +1,11 @@
 """The shared memory core of every mom_bench mixer.
 
 `memory_op` runs the chunked (parallel) form, `memory_step` one decoding step, `short_conv` the short
-convolution before the recurrence, `gated_rms_norm` the gated norm after it. The first two take the
-switches of `reference` (decay g, beta, delta rule, q/k normalisation). Two backends compute the same
-functions: the PyTorch references (`reference.py`) and the Triton kernels (`triton_chunk.py`,
-`triton_conv.py`, `triton_norm.py`). Models never pick one; the switch here does:
+convolution before the recurrence, `combine` MoM's weighted sum of each token's memory outputs after
+it, `gated_rms_norm` the gated norm after that. The first two take the switches of `reference` (decay
+g, beta, delta rule, q/k normalisation). Two backends compute the same functions: the PyTorch
+references (`reference.py`) and the Triton kernels (`triton_chunk.py`, `triton_conv.py`,
+`triton_combine.py`, `triton_norm.py`). Models never pick one; the switch here does:
 
     MOM_BENCH_BACKEND=torch | triton | auto   (or `set_backend(...)`)
 
@@ -67,11 +68,19 @@ def gated_rms_norm(x, gate, weight, eps=1e-6):
     return triton_gated_rms_norm(x, gate, weight, eps)
 
 
+def combine(o, slots, weight, dtype=None):
+    """out[r] = sum_a weight[r, a] * o[slots[r, a]], in fp32, rounded to dtype (see `reference.combine`)."""
+    if _triton(o) is None:
+        return reference.combine(o, slots, weight, dtype)
+    from .triton_combine import combine as triton_combine
+    return triton_combine(o, slots, weight, dtype)
+
+
 def memory_step(q, k, v, state, g=None, beta=None, delta=False, scale=None, normalize_qk=False):
     kw = dict(g=g, beta=beta, delta=delta, scale=scale, normalize_qk=normalize_qk)
     tc = _triton(q)
     return tc.step_memory(q, k, v, state, **kw) if tc else reference.step(q, k, v, state, **kw)
 
 
-__all__ = ["memory_op", "memory_step", "short_conv", "gated_rms_norm", "set_backend", "get_backend", "reference",
-           "l2norm", "segment_positions"]
+__all__ = ["memory_op", "memory_step", "short_conv", "combine", "gated_rms_norm", "set_backend", "get_backend",
+           "reference", "l2norm", "segment_positions"]

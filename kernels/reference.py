@@ -221,3 +221,11 @@ def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float = 1e-6) -
     xf = x.float()
     n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
     return n.flatten(-2) * F.silu(gate)
+
+
+def combine(o: Tensor, slots: Tensor, weight: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """MoM's weighted sum of each token's memory outputs: out[r] = sum_a weight[r, a] * o[slots[r, a]],
+    summed in fp32 (at least) and rounded to `dtype` (default o's). o (P, C), slots (R, A) listing every row
+    of o exactly once, weight (R, A) -> (R, C)."""
+    out = (o[slots] * weight[..., None].to(torch.promote_types(weight.dtype, torch.float32))).sum(1)
+    return out.to(dtype or o.dtype)

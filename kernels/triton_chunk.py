@@ -45,7 +45,6 @@ sub-chunk at a time, exact (`_pair_channel`).
 from __future__ import annotations
 
 import copy
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -54,33 +53,12 @@ import triton
 import triton.language as tl
 
 from . import reference as _reference
+from .triton_env import interpreting
 
 Tensor = torch.Tensor
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = interpreting()
 EPS = tl.constexpr(1e-6)  # the eps of reference.l2norm
-
-
-def _interpreter_loop_bounds_fix() -> None:
-    """Triton 3.6's interpreter holds every scalar as a 1-element numpy array and turns it into a loop
-    bound with int(array), which numpy >= 2.4 refuses for arrays of dimension 1: loops with a runtime
-    bound (`for i in range(0, n)`, the GPU-friendly form) fail there. Read the one element instead."""
-    from triton.runtime import interpreter
-
-    patch = getattr(interpreter, "_patch_lang_tensor", None)
-    if patch is None or getattr(patch, "_loop_bounds_fix", False):
-        return
-
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._loop_bounds_fix = True
-    interpreter._patch_lang_tensor = patched
-
-
-if INTERPRET:
-    _interpreter_loop_bounds_fix()
 
 
 # ----------------------------------------------------------------------------------------------------

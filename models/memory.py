@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import memory_op, memory_step, segment_positions
+from ..kernels import combine, memory_op, memory_step, segment_positions
 from .layers import GatedHeadNorm, ShortConv, inverse_softplus, upcast
 
 Tensor = torch.Tensor
@@ -42,7 +42,6 @@ class Pairs(NamedTuple):
     ends: Tensor  # (M,) int32: where each memory's pairs end (the offsets of the grouped projection)
     slots: Tensor  # (B * T, A) the pairs of every token: its top-k routed memories, then the shared one
     weight: Tensor  # (B * T, A) their output weights
-    pair_slot: Tensor  # (P, 1) the inverse of slots: where each pair's output goes in slots.flatten()
     aux: Tensor  # the load-balancing loss
 
 
@@ -186,7 +185,6 @@ class MemoryMixer(nn.Module):
         then time, then the shared memory's (every token, in order). All on the device: no host sync."""
         B, T, _ = x.shape
         BT, E, k, dev = B * T, self.routed, self.topk, x.device
-        A = k + int(self.shared)
         probs, weight, index = self._route(x)
         pair_tok = torch.arange(BT, device=dev).repeat_interleave(k)
         mem = index.reshape(-1)
@@ -194,7 +192,6 @@ class MemoryMixer(nn.Module):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order), device=dev)  # packed index of each (token, k) slot
         tok, slots, weights = [pair_tok[order]], [inverse.view(BT, k)], [weight.reshape(BT, k)]
-        pair_slot = [order // k * A + order % k]
         counts = pair_tok.new_zeros(E * B).index_add_(0, mem * B + pair_tok // T, torch.ones_like(mem))
         per_memory = counts.view(E, B).sum(1)
         # Switch/Mixtral load balancing: E * sum_e (fraction of routed slots to e) * (mean prob of e)
@@ -203,13 +200,12 @@ class MemoryMixer(nn.Module):
             shared = torch.arange(BT, device=dev)
             tok.append(shared)
             slots.append(shared[:, None] + BT * k)
-            pair_slot.append(shared * A + k)
             weights.append(torch.ones(BT, 1, device=dev, dtype=weight.dtype))
             counts = torch.cat([counts, counts.new_full((B,), T)])
             per_memory = torch.cat([per_memory, per_memory.new_full((1,), BT)])
         cu = F.pad(counts.cumsum(0), (1, 0))
         return Pairs(torch.cat(tok), cu, per_memory.cumsum(0).to(torch.int32), torch.cat(slots, 1),
-                     torch.cat(weights, 1), torch.cat(pair_slot)[:, None], aux)
+                     torch.cat(weights, 1), aux)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         y, aux, _ = self._parallel(x, want_state=False)
@@ -250,8 +246,7 @@ class MemoryMixer(nn.Module):
         if self.kind.skip:
             o = upcast(o) + self.D_skip[:, None] * upcast(v).unflatten(-1, (H, V))
         if self.routed:  # each token's memories, weighted, summed in fp32
-            picked = _Gather.apply(o.flatten(1), pairs.slots.flatten(), pairs.pair_slot)
-            o = (picked.view(B * T, pairs.slots.shape[1], -1) * pairs.weight[..., None]).sum(1)
+            o = combine(o.flatten(1), pairs.slots, pairs.weight, x.dtype)
         y = self._finish(o.view(B, T, H, V), x)
         if not want_state:
             return y, aux, None
