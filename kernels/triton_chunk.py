@@ -984,8 +984,10 @@ class _Plan:
 def _forward_states(p: _Plan, q, k, v, g, beta, h0, Ai=None, kept=None) -> dict:
     """prep and the sequential pass: G (gc), row norms (rn), M and pair_strict(k, k) per chunk row (Mqk,
     Mkk), A (Ai; taken as given if passed: the backward reuses the forward's), W, U, the state at every
-    chunk start (hs), v_new (vn), the final state (ht). With `kept` (hs and vn, the forward's), the
-    sequential pass is not run again."""
+    chunk start (hs), v_new (vn), the final state (ht). With `kept` (the forward's; see `_keep`), what it
+    holds is not computed again."""
+    if kept is not None and "Mqk" in kept:
+        return dict(kept, Ai=Ai)
     TT, H, K, V, BT = p.B * p.T, p.H, p.K, p.V, p.BT
     dev, f32 = k.device, torch.float32
     new = lambda *shape: torch.empty(*shape, device=dev, dtype=f32)
@@ -1079,17 +1081,24 @@ class ChunkMemoryFunction(torch.autograd.Function):
 # on the host; cu_seqlens on the GPU are copied to it during the forward, without waiting for the GPU.
 WORKSPACE_BYTES = 512 * 2 ** 20
 MIN_CHAINS = 32
-# The forward keeps its chunk states and v_new for the backward when the backward runs as one group and
-# they take at most KEEP_BYTES. They are the sequential pass's output, whose run time is set by the
-# chain length, not the work: with few long segments (B1 x T16384: 20 chains of up to 256 chunks) that
-# pass takes about a fifth of the MoM layer's time, and recomputing it in the backward costs as much again.
+# When the backward runs as one group, the forward keeps what the backward would recompute, within
+# KEEP_BYTES: all of it if it fits (then the backward runs neither prep nor the sequential pass), else the
+# chunk states and v_new. Those are the sequential pass's output, whose run time is set by the chain
+# length, not the work: with few long segments (B1 x T16384: 20 chains of up to 256 chunks) that pass
+# takes about a fifth of the MoM layer's time, and recomputing it costs as much again. At small sizes
+# (MQAR) keeping prep's output saves a launch and its work.
 KEEP_BYTES = WORKSPACE_BYTES
+SEQUENTIAL, PREP = ("hs", "vn"), ("gc", "rn", "Mqk", "Mkk", "w")
 
 
 def _keep(p: "_Plan", s: dict) -> Optional[dict]:
-    kept = dict(hs=s["hs"], vn=s["vn"])
-    size = sum(t.numel() * t.element_size() for t in kept.values() if t is not None)
-    return kept if _group_count(p) < 2 and size <= KEEP_BYTES else None
+    if _group_count(p) > 1:
+        return None
+    for names in (SEQUENTIAL + PREP, SEQUENTIAL):
+        kept = {n: s[n] for n in names}
+        if sum(t.numel() * t.element_size() for t in kept.values() if t is not None) <= KEEP_BYTES:
+            return kept
+    return None
 
 
 def _group_count(p: "_Plan") -> int:

@@ -175,26 +175,40 @@ def test_backward_in_segment_groups(algo, monkeypatch):
     assert [bounds for _, bounds in seen[0]] == [(0, 3, 0, 18), (3, 5, 18, 51), (5, 6, 51, 67), (6, 7, 67, 69)]
 
 
-@pytest.mark.parametrize("keep", [True, False], ids=["kept", "recomputed"])
+@pytest.mark.parametrize("keep", ["all", "states", "none"])
 @pytest.mark.parametrize("algo", ALGORITHMS)
-def test_backward_keeps_or_recomputes_the_states(algo, keep, monkeypatch):
-    """Within KEEP_BYTES the backward reads the forward's chunk states and v_new and runs the sequential
-    pass no more (one launch in all); with a budget of 0 it recomputes them in one group (two launches).
-    The gradients match the reference either way, with empty segments and an initial state."""
-    if not keep:
+def test_backward_keeps_or_recomputes(algo, keep, monkeypatch):
+    """Within KEEP_BYTES the backward reads what the forward kept instead of recomputing it: everything
+    (no second prep or sequential launch), or only the chunk states and v_new when just they fit (a
+    second prep launch), or nothing with a budget of 0 (both again, in one group). The gradients match
+    the reference every way, with empty segments and an initial state."""
+    if keep == "none":
         monkeypatch.setattr(TC, "KEEP_BYTES", 0)
-    launches, kernel = [], TC._h_fwd_kernel
+    if keep == "states":  # a budget of exactly the states and v_new
+        real_keep = TC._keep
 
-    class Counted:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
+        def keep_states(p, s):
+            nbytes = [s[n].numel() * s[n].element_size() for n in TC.SEQUENTIAL if s[n] is not None]
+            monkeypatch.setattr(TC, "KEEP_BYTES", sum(nbytes))
+            return real_keep(p, s)
 
-    monkeypatch.setattr(TC, "_h_fwd_kernel", Counted())
+        monkeypatch.setattr(TC, "_keep", keep_states)
+    launches = {"_prep_kernel": 0, "_h_fwd_kernel": 0}
+
+    def counted(name, kernel):
+        class Counted:
+            def __getitem__(self, grid):
+                launches[name] += 1
+                return kernel[grid]
+        return Counted()
+
+    for name in launches:
+        monkeypatch.setattr(TC, name, counted(name, getattr(TC, name)))
     lens = [0, 1, 17, 0, 33]
     cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0)
     check(algo, 1, sum(lens), 1, 16, 32, 16, True, ALGORITHMS[algo][2], seed=13, cu_seqlens=cu, N=len(lens))
-    assert len(launches) == (1 if keep else 2)
+    prep, sequential = dict(all=(1, 1), states=(2, 1), none=(2, 2))[keep]
+    assert launches == {"_prep_kernel": prep, "_h_fwd_kernel": sequential}
 
 
 @pytest.mark.parametrize("tokens,segments,H,K,groups", [
