@@ -1,0 +1,56 @@
+"""Time the MoM layer's fwd+bwd (bf16, do_bench) under variants of the core's launch configuration
+(`kernels/triton_chunk.CONFIG_OVERRIDES`: warps per kernel, V block of the sequential kernels), at the
+three benchmark shapes of `profile_layers.py`. Each variant's output and gradients are checked against
+the default's. Used to pick the defaults of `_config`:
+
+    python results/bench/core_configs.py [mqar] [big] [long]
+"""
+import sys
+
+import torch
+from triton.testing import do_bench
+
+from mom_bench.kernels import triton_chunk as TC
+from mom_bench.models import MemoryMixer
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from profile_layers import CASES  # noqa: E402
+
+VARIANTS = {
+    "default": {},
+    "warps_h 8": dict(warps_h=8),
+    "BV_h 64, warps_h 8": dict(BV_h=64, warps_h=8),
+    "warps_prep 4": dict(warps_prep=4),
+    "warps_dqk 4": dict(warps_dqk=4),
+    "warps (o, dv) 8": dict(warps=8),
+}
+
+for name in sys.argv[1:] or ["mqar", "big", "long"]:
+    B, T, D, H, hd, memories = CASES[name]
+    torch.manual_seed(0)
+    m = MemoryMixer(D, H, hd, kind="gated_delta", num_memories=memories, topk=2, shared_memory=True)
+    m = m.cuda().bfloat16()
+    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
+
+    def fwd_bwd():
+        for p in m.parameters():
+            p.grad = None
+        x.grad = None
+        y = m(x)[0]
+        y.backward(gy)
+        return y
+
+    def results():
+        return [fwd_bwd().float(), x.grad.float()] + [p.grad.float() for p in m.parameters()]
+
+    ref = None
+    for label, over in VARIANTS.items():
+        TC.CONFIG_OVERRIDES.clear()
+        TC.CONFIG_OVERRIDES.update(over)
+        got = results()
+        ref = ref or got
+        err = max(((g - r).norm() / r.norm().clamp_min(1e-12)).item() for g, r in zip(got, ref))
+        ms = do_bench(fwd_bwd, rep=200)
+        print(f"{name}: {label:>20}: fwd+bwd {ms:6.2f} ms  (rel. diff from default {err:.1e})", flush=True)
+    TC.CONFIG_OVERRIDES.clear()
