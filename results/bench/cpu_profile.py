@@ -1,0 +1,60 @@
+"""Where the CPU's time goes when the MoM layer's fwd+bwd is enqueued (cProfile, by own time), at MQAR
+size by default, where the layer is bound by the CPU rather than the GPU. Also times the enqueue of one
+fwd+bwd with and without the profiler, and a plain linear layer's fwd+bwd at the same shape for scale:
+
+    python results/bench/cpu_profile.py [mqar|big|long]
+"""
+import cProfile
+import pstats
+import sys
+import time
+
+import torch
+
+from mom_bench.models import MemoryMixer
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from profile_layers import CASES  # noqa: E402
+
+name = sys.argv[1] if len(sys.argv) > 1 else "mqar"
+B, T, D, H, hd, memories = CASES[name]
+torch.manual_seed(0)
+m = MemoryMixer(D, H, hd, kind="gated_delta", num_memories=memories, topk=2, shared_memory=True).cuda().bfloat16()
+x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+gy = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
+lin = torch.nn.Linear(D, D, bias=False).cuda().bfloat16()
+
+
+def fwd_bwd():
+    for p in m.parameters():
+        p.grad = None
+    m(x)[0].backward(gy)
+
+
+def linear():
+    lin(x).backward(gy)
+
+
+def enqueue_ms(fn, n=20):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return 1e3 * (t1 - t0) / n, 1e3 * (t2 - t0) / n
+
+
+for label, fn in (("MoM layer", fwd_bwd), ("one linear layer", linear)):
+    cpu, wall = enqueue_ms(fn)
+    print(f"{name} {label}: CPU enqueue {cpu:.2f} ms per fwd+bwd, wall {wall:.2f} ms", flush=True)
+prof = cProfile.Profile()
+prof.enable()
+for _ in range(20):
+    fwd_bwd()
+prof.disable()
+torch.cuda.synchronize()
+stats = pstats.Stats(prof)
+stats.sort_stats("tottime").print_stats(35)
