@@ -882,9 +882,14 @@ def _config(K: int, V: int, chunk_size: int) -> dict:
         BK_dqk=min(KP, 64),
         BK_dqk_channel=min(KP, 32),  # per-channel decay: the sub-chunk pair gradients need more registers
         warps=4,        # o, dv
-        warps_prep=8,   # prep: 4 warps spill registers (the inverse and the K-block loop)
+        # prep and dq/dk: 4 warps were faster than 8 for the gated delta rule at every benchmark shape
+        # (results/bench/core_configs.py); per-channel decay (its sub-chunk pairs need more registers)
+        # keeps 8, not measured against 4.
+        warps_prep=4,
+        warps_prep_channel=8,
         warps_h=4,      # h, dh
-        warps_dqk=8,    # dq/dk: three (BT, BK) accumulators plus the state tiles
+        warps_dqk=4,
+        warps_dqk_channel=8,
         stages=1,
     )
     cfg.update(CONFIG_OVERRIDES)
@@ -971,7 +976,8 @@ class _Plan:
         return sub
 
     def launch(self, which=""):
-        return dict(num_warps=self.cfg["warps" + which], num_stages=self.cfg["stages"])
+        channel = "_channel" if self.decay == 2 and "warps" + which + "_channel" in self.cfg else ""
+        return dict(num_warps=self.cfg["warps" + which + channel], num_stages=self.cfg["stages"])
 
     def switches(self):
         return dict(DECAY=self.decay, DELTA=self.delta, NORM=self.norm, PREC=self.prec)
