@@ -82,7 +82,8 @@ class CombineFunction(torch.autograd.Function):
         if R and C:
             _bwd_kernel[(triton.cdiv(R, BR),)](o, slots, weight, dout.contiguous(), do, dweight, R, C, A, BR, BC)
         else:
-            do.zero_(), dweight.zero_()
+            do.zero_()
+            dweight.zero_()
         return do, None, dweight.to(weight.dtype), None
 
 
