@@ -882,9 +882,9 @@ def _config(K: int, V: int, chunk_size: int) -> dict:
         BK_dqk=min(KP, 64),
         BK_dqk_channel=min(KP, 32),  # per-channel decay: the sub-chunk pair gradients need more registers
         warps=4,        # o, dv
-        # prep and dq/dk: 4 warps were faster than 8 for the gated delta rule at every benchmark shape
-        # (results/bench/core_configs.py); per-channel decay (its sub-chunk pairs need more registers)
-        # keeps 8, not measured against 4.
+        # prep and dq/dk: 4 warps were faster than 8 for the gated delta rule at the MoM benchmark
+        # shapes (results/bench/core_configs.md); per-channel decay (its sub-chunk pairs need more
+        # registers) keeps 8, not measured against 4.
         warps_prep=4,
         warps_prep_channel=8,
         warps_h=4,      # h, dh
