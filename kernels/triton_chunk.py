@@ -34,9 +34,8 @@ workspace would be large, it runs over groups of whole segments in turn (`_group
 All accumulation is fp32; G, norms, M, A and the gradients wrt M and L are stored in fp32, the states,
 W, U, v_new and their gradients in bf16 for 16-bit inputs and fp32 otherwise; outputs take the dtype of
 v (o), of the inputs (gradients) and fp32 (states). Dots take fp32 operands (three-pass tf32 for fp32
-inputs, tf32 otherwise), except in the two sequential kernels with 16-bit inputs, which take bf16
-operands (`_dot`); there no dot accumulator that is cast to 16 bits is ever transposed into another dot
-(the Hopper miscompile of ../shared/reference/gpu.md): only loaded tiles are transposed.
+inputs, tf32 otherwise), so no dot accumulator is ever cast to 16 bits and transposed into another dot
+(the Hopper miscompile of ../shared/reference/gpu.md).
 
 The per-channel pairwise terms sum_k a_tk b_sk e^{G_tk - G_sk} do not factor into one matrix product
 without risking overflow. In sub-chunks of BC = 16 they do: pairs across sub-chunks are products through
@@ -370,16 +369,6 @@ def _state_init(ptr, base, row0, col0, K: tl.constexpr, V: tl.constexpr, BK: tl.
 
 
 @triton.jit
-def _dot(a, b, PREC: tl.constexpr):
-    """a @ b, accumulated in fp32: on bf16 operands when PREC is "bf16" (the sequential kernels, for 16-bit
-    inputs), else on fp32 operands at input precision PREC."""
-    if PREC == "bf16":
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    else:
-        return tl.dot(a, b, input_precision=PREC)
-
-
-@triton.jit
 def _h_step(h, k, gc, f, offs, valid, t_last, i_h, col0, b_vn, eG, H: tl.constexpr, K: tl.constexpr,
             BK: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
     """One K block of h <- e^{G_last} h + (k e^{G_last - G})^T v_new. For DECAY < 2 the row factors are
@@ -391,7 +380,7 @@ def _h_step(h, k, gc, f, offs, valid, t_last, i_h, col0, b_vn, eG, H: tl.constex
         h = h * tl.exp(G_last)[:, None]
     if DECAY == 1:
         h = h * eG
-    return h + _dot(tl.trans(kk), b_vn, PREC)
+    return h + tl.dot(tl.trans(kk), b_vn, input_precision=PREC)
 
 
 @triton.jit
@@ -432,13 +421,15 @@ def _h_fwd_kernel(k, v, beta, gc, rn, w, u, h0, hs, vn, ht, cu, coff,
             _store_state(hs, h4, hb, 3 * BK, v0, K, V, BK, BV)
         if DELTA:
             b_vn = _load_tile(u + i_h * V, offs, valid, v0, H * V, V, BV)
-            b_vn -= _dot(_load_tile(w + i_h * K, offs, valid, 0, H * K, K, BK), h1, PREC)
+            b_vn -= tl.dot(_load_tile(w + i_h * K, offs, valid, 0, H * K, K, BK), h1, input_precision=PREC)
             if NK > 1:
-                b_vn -= _dot(_load_tile(w + i_h * K, offs, valid, BK, H * K, K, BK), h2, PREC)
+                b_vn -= tl.dot(_load_tile(w + i_h * K, offs, valid, BK, H * K, K, BK), h2, input_precision=PREC)
             if NK > 2:
-                b_vn -= _dot(_load_tile(w + i_h * K, offs, valid, 2 * BK, H * K, K, BK), h3, PREC)
+                b_vn -= tl.dot(_load_tile(w + i_h * K, offs, valid, 2 * BK, H * K, K, BK), h3,
+                               input_precision=PREC)
             if NK > 3:
-                b_vn -= _dot(_load_tile(w + i_h * K, offs, valid, 3 * BK, H * K, K, BK), h4, PREC)
+                b_vn -= tl.dot(_load_tile(w + i_h * K, offs, valid, 3 * BK, H * K, K, BK), h4,
+                               input_precision=PREC)
             _store_tile(vn + i_h * V, b_vn, offs, valid, v0, H * V, V, BV)
         else:
             b_vn = _load_tile(v + i_h * V, offs, valid, v0, H * V, V, BV)
@@ -486,7 +477,7 @@ def _o_fwd_kernel(q, v, beta, gc, rn, Mqk, hs, vn, o, cu, cidx, scale,
         if DECAY == 2:
             G, G_last = _decay_cols(gc, offs, valid, t_last, i_h, i_k * BK, H, K, BK)
             qb = qb * tl.exp(G)
-        acc += _dot(qb, _load_state(hs, hbase, i_k * BK, i_v * BV, K, V, BK, BV), PREC)
+        acc += tl.dot(qb, _load_state(hs, hbase, i_k * BK, i_v * BV, K, V, BK, BV), input_precision=PREC)
     f = _row_factor(rn, offs, valid, i_h, H, 0, NORM) * scale
     if DECAY == 1:
         G, G_last = _decay_rows(gc, offs, valid, t_last, i_h, H)
@@ -498,7 +489,7 @@ def _o_fwd_kernel(q, v, beta, gc, rn, Mqk, hs, vn, o, cu, cidx, scale,
         b_vn = _load_tile(v + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
         if HAS_BETA:
             b_vn = b_vn * _load_beta(beta, offs, valid, H, i_h, HAS_BETA)[:, None]
-    b_o = acc * f[:, None] + _dot(M, b_vn, PREC)
+    b_o = acc * f[:, None] + tl.dot(M, b_vn, input_precision=PREC)
     _store_tile(o + i_h * V, b_o, offs, valid, i_v * BV, H * V, V, BV)
 
 
@@ -514,7 +505,7 @@ def _k_dh(dh, k, gc, fk, offs, valid, t_last, i_h, col0, H: tl.constexpr, K: tl.
     if DECAY == 2:
         G, G_last = _decay_cols(gc, offs, valid, t_last, i_h, col0, H, K, BK)
         kk = kk * (fk[:, None] * tl.exp(G_last[None, :] - G))
-    return _dot(kk, dh, PREC)
+    return tl.dot(kk, dh, input_precision=PREC)
 
 
 @triton.jit
@@ -529,9 +520,10 @@ def _dh_step(dh, q, w, gc, fq, offs, valid, t_last, i_h, col0, b_do, b_dvn, eG, 
         dh = dh * tl.exp(G_last)[:, None]
     if DECAY == 1:
         dh = dh * eG
-    dh += _dot(tl.trans(qq), b_do, PREC)
+    dh += tl.dot(tl.trans(qq), b_do, input_precision=PREC)
     if DELTA:
-        dh -= _dot(tl.trans(_load_tile(w + i_h * K, offs, valid, col0, H * K, K, BK)), b_dvn, PREC)
+        dh -= tl.dot(tl.trans(_load_tile(w + i_h * K, offs, valid, col0, H * K, K, BK)), b_dvn,
+                     input_precision=PREC)
     return dh
 
 
@@ -591,7 +583,7 @@ def _dh_bwd_kernel(q, k, gc, rn, Mqk, w, do, dht, dhs, dvn, dh0, cu, coff, scale
             x = x * fk[:, None]
         b_do = _load_tile(do + i_h * V, offs, valid, v0, H * V, V, BV)
         M = _load_tile(Mqk + i_h * BT, offs, valid, 0, H * BT, BT, BT)
-        b_dvn = x + _dot(tl.trans(M), b_do, PREC)
+        b_dvn = x + tl.dot(tl.trans(M), b_do, input_precision=PREC)
         _store_tile(dvn + i_h * V, b_dvn, offs, valid, v0, H * V, V, BV)
         if DECAY < 2:
             b_do = b_do * fq[:, None]
@@ -896,9 +888,6 @@ def _config(K: int, V: int, chunk_size: int) -> dict:
         warps_prep=4,
         warps_prep_channel=8,
         warps_h=4,      # h, dh
-        # h, dh with 16-bit inputs: products on bf16 operands (fp32 accumulation), as fla's kernels do.
-        # These two kernels run one chunk after another, and their time goes into their products.
-        seq_bf16=True,
         warps_dqk=4,
         warps_dqk_channel=8,
         stages=1,
@@ -944,17 +933,15 @@ class _Plan:
         self.cu_copy = None
         self._layout(cu_seqlens.to(q.device, torch.int32).contiguous(), B, T)
         # What the passes store between kernels (states, W, U, v_new and their gradients): 16-bit inputs
-        # keep them in bf16, as they keep their inputs (half the memory and traffic; every product
-        # accumulates in fp32); fp32 inputs keep fp32.
+        # keep them in bf16, as they keep their inputs (half the memory and traffic; every product still
+        # runs on fp32 operands and accumulates in fp32); fp32 inputs keep fp32.
         self.work = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
         self.decay = 0 if g is None else (2 if g.dim() == 4 else 1)
         self.has_beta, self.delta, self.norm = beta is not None, bool(delta), bool(normalize_qk)
         self.scale = float(K ** -0.5 if scale is None else scale)
         # fp32 inputs: three-pass tf32 products, about fp32-accurate ("ieee" unrolls into FMA code that
-        # takes minutes to compile); 16-bit inputs: one-pass tf32 on fp32 operands, and bf16 operands in
-        # the sequential kernels (seq_bf16).
+        # takes minutes to compile); 16-bit inputs: one-pass tf32 on fp32 operands.
         self.prec = "tf32x3" if all(x.dtype == torch.float32 for x in (q, k, v)) else "tf32"
-        self.seq_prec = "bf16" if cfg["seq_bf16"] and self.work == torch.bfloat16 else self.prec
         self.BK, self.BV, self.KP, self.BV_h, self.BC = cfg["BK"], cfg["BV"], cfg["KP"], cfg["BV_h"], cfg["BC"]
         self.BV_dqk, self.BK_dqk = cfg["BV_dqk"], cfg["BK_dqk_channel" if self.decay == 2 else "BK_dqk"]
         self.NK, self.NV = triton.cdiv(K, self.BK), triton.cdiv(V, self.BV)
@@ -992,9 +979,8 @@ class _Plan:
         channel = "_channel" if self.decay == 2 and "warps" + which + "_channel" in self.cfg else ""
         return dict(num_warps=self.cfg["warps" + which + channel], num_stages=self.cfg["stages"])
 
-    def switches(self, sequential=False):
-        return dict(DECAY=self.decay, DELTA=self.delta, NORM=self.norm,
-                    PREC=self.seq_prec if sequential else self.prec)
+    def switches(self):
+        return dict(DECAY=self.decay, DELTA=self.delta, NORM=self.norm, PREC=self.prec)
 
     def flat(self, x):
         """(B, T, H, ...) -> (B*T, H, ...) contiguous; None stays None."""
@@ -1033,7 +1019,7 @@ def _forward_states(p: _Plan, q, k, v, g, beta, h0, Ai=None, kept=None) -> dict:
     _h_fwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
         k, v, _or(beta, x), o["gc"], o["rn"], o["w"], o["u"], _or(h0, x), s["hs"], o["vn"], s["ht"], p.cu,
         p.coff, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_BETA=p.has_beta, HAS_H0=h0 is not None,
-        **p.switches(sequential=True), **p.launch("_h"))
+        **p.switches(), **p.launch("_h"))
     s["u"] = None  # read by the sequential pass only
     return s
 
@@ -1154,7 +1140,7 @@ def _backward(p: "_Plan", q, k, v, g, beta, do, Ai, h0, dht, dq, dk, dv, dg, db,
     _dh_bwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
         q, k, o["gc"], o["rn"], s["Mqk"], o["w"], do, _or(dht, x), dhs, dvn, _or(dh0, x), p.cu, p.coff,
         p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_DHT=dht is not None,
-        HAS_H0=h0 is not None, **p.switches(sequential=True), **p.launch("_h"))
+        HAS_H0=h0 is not None, **p.switches(), **p.launch("_h"))
     s["w"] = s["Mqk"] = o["w"] = o["Mqk"] = None  # read by the reverse pass only: free them early
     if not p.NT:
         for t in (dq, dk, dv, dg, db):

@@ -16,9 +16,10 @@ from mom_bench.models import MemoryMixer
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from profile_layers import CASES  # noqa: E402
 
-VARIANTS = {  # earlier variants and their results: core_configs.md
+VARIANTS = {  # the ones timed before 4 warps became the default for prep and dq/dk: see the README
     "default": {},
-    "h, dh on fp32 operands": dict(seq_bf16=False),
+    "prep 8, dqk 8": dict(warps_prep=8, warps_dqk=8),
+    "warps (o, dv) 8": dict(warps=8),
 }
 
 for name in sys.argv[1:] or ["mqar", "big", "long"]:
