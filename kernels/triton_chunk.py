@@ -1046,8 +1046,9 @@ class ChunkMemoryFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, g, beta, initial_state)
         ctx.plan = p
         if any(ctx.needs_input_grad):
-            # The backward recomputes the other intermediates; A, the inverse, takes 12 of the prep
-            # kernel's BT x BT x BT products (and 3/4 of its work at head dim 64): kept, not recomputed.
+            # A, the inverse, takes 12 of the prep kernel's BT x BT x BT products (and 3/4 of its work at
+            # head dim 64): always kept. The other intermediates are kept within KEEP_BYTES (`_keep`),
+            # else recomputed by the backward.
             ctx.Ai = s["Ai"]
             ctx.kept = _keep(p, s)
             if _group_count(p) > 1:
