@@ -7,14 +7,12 @@ the default's. Used to pick the defaults of `_config`:
 """
 import sys
 
-import torch
 from triton.testing import do_bench
 
 from mom_bench.kernels import triton_chunk as TC
-from mom_bench.models import MemoryMixer
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from profile_layers import CASES  # noqa: E402
+from profile_layers import build  # noqa: E402
 
 VARIANTS = {  # the ones timed before 4 warps became the default for prep and dq/dk: see the README
     "default": {},
@@ -23,12 +21,7 @@ VARIANTS = {  # the ones timed before 4 warps became the default for prep and dq
 }
 
 for name in sys.argv[1:] or ["mqar", "big", "long"]:
-    B, T, D, H, hd, memories = CASES[name]
-    torch.manual_seed(0)
-    m = MemoryMixer(D, H, hd, kind="gated_delta", num_memories=memories, topk=2, shared_memory=True)
-    m = m.cuda().bfloat16()
-    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    gy = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
+    m, x, gy = build(name)
 
     def fwd_bwd():
         for p in m.parameters():

@@ -11,17 +11,13 @@ import time
 
 import torch
 
-from mom_bench.models import MemoryMixer
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from profile_layers import CASES  # noqa: E402
+from profile_layers import build  # noqa: E402
 
 name = sys.argv[1] if len(sys.argv) > 1 else "mqar"
-B, T, D, H, hd, memories = CASES[name]
-torch.manual_seed(0)
-m = MemoryMixer(D, H, hd, kind="gated_delta", num_memories=memories, topk=2, shared_memory=True).cuda().bfloat16()
-x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-gy = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
+m, x, gy = build(name)
+D = x.shape[-1]
 lin = torch.nn.Linear(D, D, bias=False).cuda().bfloat16()
 
 

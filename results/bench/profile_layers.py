@@ -23,12 +23,20 @@ CASES = {  # name: (B, T, hidden, heads, head dim, routed memories)
 }
 
 
-def profile_case(name, B, T, D, H, hd, memories):
+def build(name):
+    """A case's layer (bf16, on the GPU, seeded), its input and an output gradient; also used by
+    core_configs.py and cpu_profile.py."""
+    B, T, D, H, hd, memories = CASES[name]
     torch.manual_seed(0)
     m = MemoryMixer(D, H, hd, kind="gated_delta", num_memories=memories, topk=2, shared_memory=True)
     m = m.cuda().bfloat16()
     x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gy = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
+    return m, x, gy
+
+
+def profile_case(name, B, T, D, H, hd, memories):
+    m, x, gy = build(name)
 
     def fwd_bwd():
         for p in m.parameters():
