@@ -1050,8 +1050,9 @@ class ChunkMemoryFunction(torch.autograd.Function):
             # head dim 64): always kept. The other intermediates are kept within KEEP_BYTES (`_keep`),
             # else recomputed by the backward.
             ctx.Ai = s["Ai"]
-            ctx.kept = _keep(p, s)
-            if _group_count(p) > 1:
+            grouped = _group_count(p) > 1
+            ctx.kept = None if grouped else _keep(s)
+            if grouped:
                 p.copy_cu_to_host()
         ctx.set_materialize_grads(False)  # an unused final state comes back as None: skip its gradient
         return o.view(v.shape), s["ht"]
@@ -1098,9 +1099,8 @@ KEEP_BYTES = WORKSPACE_BYTES
 SEQUENTIAL, PREP = ("hs", "vn"), ("gc", "rn", "Mqk", "Mkk", "w")
 
 
-def _keep(p: "_Plan", s: dict) -> Optional[dict]:
-    if _group_count(p) > 1:
-        return None
+def _keep(s: dict) -> Optional[dict]:
+    """What a one-group backward takes from the forward's intermediates s instead of recomputing it."""
     for names in (SEQUENTIAL + PREP, SEQUENTIAL):
         kept = {n: s[n] for n in names}
         if sum(t.numel() * t.element_size() for t in kept.values() if t is not None) <= KEEP_BYTES:

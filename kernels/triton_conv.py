@@ -170,8 +170,6 @@ class ShortConvFunction(torch.autograd.Function):
 
 def _blocks(ts):
     """Kernel arguments for up to three column blocks: three pointers and three widths."""
-    if len(ts) > 3:
-        raise ValueError(f"the short convolution splits its output into at most 3 blocks, got {len(ts)}")
     widths = [t.shape[1] for t in ts] + [0, 0]
     return (*ts, *[ts[0]] * (3 - len(ts)), *widths[:3])
 
@@ -181,5 +179,7 @@ def short_conv(x: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, split: Sequ
     contiguous arrays, written so by the kernel (q, k and v of one convolution need no copy)."""
     if split and sum(split) != x.shape[1]:
         raise ValueError(f"split {tuple(split)} must sum to the {x.shape[1]} channels")
+    if len(split) > 3:
+        raise ValueError(f"the short convolution splits its output into at most 3 blocks, got {len(split)}")
     ys = ShortConvFunction.apply(x, weight, bias, pos, tuple(split) or (x.shape[1],))
     return ys if split else ys[0]

@@ -82,6 +82,8 @@ def test_short_conv_split_into_column_blocks(split):
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5, msg=name)
     with pytest.raises(ValueError, match="must sum to"):
         short_conv(x, w, b, pos, split[:-1])
+    with pytest.raises(ValueError, match="at most 3 blocks"):
+        short_conv(x, w, b, pos, (C - 3, 1, 1, 1))
 
 
 @pytest.mark.gpu

@@ -187,10 +187,10 @@ def test_backward_keeps_or_recomputes(algo, keep, monkeypatch):
     if keep == "states":  # a budget of exactly the states and v_new
         real_keep = TC._keep
 
-        def keep_states(p, s):
+        def keep_states(s):
             nbytes = [s[n].numel() * s[n].element_size() for n in TC.SEQUENTIAL if s[n] is not None]
             monkeypatch.setattr(TC, "KEEP_BYTES", sum(nbytes))
-            return real_keep(p, s)
+            return real_keep(s)
 
         monkeypatch.setattr(TC, "_keep", keep_states)
     launches = {"_prep_kernel": 0, "_h_fwd_kernel": 0}
