@@ -975,9 +975,12 @@ class _Plan:
         sub.cu_host = [c - t0 for c in self.host_cu()[s0:s1 + 1]]
         return sub
 
-    def launch(self, which=""):
+    def launch(self, which="", kernel=""):
+        """num_warps of the kernel kind `which`; num_stages of the kernel named `kernel` (`stages_<kernel>`
+        in the config, else `stages`)."""
         channel = "_channel" if self.decay == 2 and "warps" + which + "_channel" in self.cfg else ""
-        return dict(num_warps=self.cfg["warps" + which + channel], num_stages=self.cfg["stages"])
+        return dict(num_warps=self.cfg["warps" + which + channel],
+                    num_stages=self.cfg.get("stages_" + kernel, self.cfg["stages"]))
 
     def switches(self):
         return dict(DECAY=self.decay, DELTA=self.delta, NORM=self.norm, PREC=self.prec)
@@ -1010,7 +1013,7 @@ def _forward_states(p: _Plan, q, k, v, g, beta, h0, Ai=None, kept=None) -> dict:
         _prep_kernel[(p.NT, H)](q, k, v, _or(g, x), _or(beta, x), o["gc"], o["rn"], o["Mqk"], o["Mkk"], o["Ai"],
                                 o["w"], o["u"], p.cu, p.cidx, p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK, BV=p.BV,
                                 BC=p.BC, NK=p.NK, NV=p.NV, HAS_BETA=p.has_beta, HAVE_A=Ai is not None,
-                                WANT_U=seq, **p.switches(), **p.launch("_prep"))
+                                WANT_U=seq, **p.switches(), **p.launch("_prep", "prep"))
     if kept is not None:
         s.update(kept)
         return s
@@ -1019,7 +1022,7 @@ def _forward_states(p: _Plan, q, k, v, g, beta, h0, Ai=None, kept=None) -> dict:
     _h_fwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
         k, v, _or(beta, x), o["gc"], o["rn"], o["w"], o["u"], _or(h0, x), s["hs"], o["vn"], s["ht"], p.cu,
         p.coff, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_BETA=p.has_beta, HAS_H0=h0 is not None,
-        **p.switches(), **p.launch("_h"))
+        **p.switches(), **p.launch("_h", "h"))
     s["u"] = None  # read by the sequential pass only
     return s
 
@@ -1042,7 +1045,7 @@ class ChunkMemoryFunction(torch.autograd.Function):
             _o_fwd_kernel[(p.NV, p.NT, p.H)](fq, fv, _or(fb, x), _or(s["gc"], x), _or(s["rn"], x), s["Mqk"],
                                              s["hs"], _or(s["vn"], x), o, p.cu, p.cidx, p.scale, H=p.H, K=p.K,
                                              V=p.V, BT=p.BT, BK=p.BK, BV=p.BV, NK=p.NK, HAS_BETA=p.has_beta,
-                                             **p.switches(), **p.launch())
+                                             **p.switches(), **p.launch(kernel="o"))
         ctx.save_for_backward(q, k, v, g, beta, initial_state)
         ctx.plan = p
         if any(ctx.needs_input_grad):
@@ -1141,7 +1144,7 @@ def _backward(p: "_Plan", q, k, v, g, beta, do, Ai, h0, dht, dq, dk, dv, dg, db,
     _dh_bwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
         q, k, o["gc"], o["rn"], s["Mqk"], o["w"], do, _or(dht, x), dhs, dvn, _or(dh0, x), p.cu, p.coff,
         p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_DHT=dht is not None,
-        HAS_H0=h0 is not None, **p.switches(), **p.launch("_h"))
+        HAS_H0=h0 is not None, **p.switches(), **p.launch("_h", "dh"))
     s["w"] = s["Mqk"] = o["w"] = o["Mqk"] = None  # read by the reverse pass only: free them early
     if not p.NT:
         for t in (dq, dk, dv, dg, db):
@@ -1153,13 +1156,14 @@ def _backward(p: "_Plan", q, k, v, g, beta, do, Ai, h0, dht, dq, dk, dv, dg, db,
     dbp = torch.empty(TT, H, device=dev, dtype=f32) if p.has_beta else None
     _dv_bwd_kernel[(p.NT, H)](v, _or(beta, x), o["gc"], o["Ai"], o["Mkk"], o["vn"], do, dvn, dv, dMs,
                               _or(dLs, x), _or(dbp, x), p.cu, p.cidx, H=H, V=V, BT=BT, BV=p.BV, NV=p.NV,
-                              DECAY=p.decay, HAS_BETA=p.has_beta, DELTA=p.delta, PREC=p.prec, **p.launch())
+                              DECAY=p.decay, HAS_BETA=p.has_beta, DELTA=p.delta, PREC=p.prec,
+                              **p.launch(kernel="dv"))
     s["Mkk"] = s["Ai"] = o["Mkk"] = o["Ai"] = None  # read by the dv kernel only
     _dqk_bwd_kernel[(p.NT, H)](q, k, v, _or(beta, x), o["gc"], o["rn"], s["hs"], o["vn"], do, dhs, dvn, dMs,
                                _or(dLs, x), _or(dbp, x), dq, dk, _or(db, x), _or(dg, x), p.cu, p.cidx, p.scale,
                                H=H, K=K, V=V, BT=BT, BK=p.BK_dqk, BV=p.BV_dqk, BC=p.BC,
                                NK=triton.cdiv(K, p.BK_dqk), NV=triton.cdiv(V, p.BV_dqk), HAS_BETA=p.has_beta,
-                               **p.switches(), **p.launch("_dqk"))
+                               **p.switches(), **p.launch("_dqk", "dqk"))
 
 
 def chunk_memory(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None, beta: Optional[Tensor] = None,

@@ -1,12 +1,15 @@
 """Time the MoM layer's fwd+bwd (bf16, do_bench) under variants of the core's launch configuration
-(`kernels/triton_chunk.CONFIG_OVERRIDES`: warps per kernel, V block of the sequential kernels), at the
-three benchmark shapes of `profile_layers.py`. Each variant's output and gradients are checked against
-the default's. Used to pick the defaults of `_config`:
+(`kernels/triton_chunk.CONFIG_OVERRIDES`: warps and pipeline stages per kernel, V block of the sequential
+kernels) and of its module constants (upper-case keys: WORKSPACE_BYTES, KEEP_BYTES), at the three
+benchmark shapes of `profile_layers.py`. Each variant's output and gradients are checked against the
+default's; the peak memory of one fwd+bwd above its inputs is printed beside the time. Used to pick the
+defaults of `_config`:
 
     python results/bench/core_configs.py [mqar] [big] [long]
 """
 import sys
 
+import torch
 from triton.testing import do_bench
 
 from mom_bench.kernels import triton_chunk as TC
@@ -14,11 +17,28 @@ from mom_bench.kernels import triton_chunk as TC
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from profile_layers import build  # noqa: E402
 
-VARIANTS = {  # the ones timed before 4 warps became the default for prep and dq/dk: see the README
+VARIANTS = {
     "default": {},
-    "prep 8, dqk 8": dict(warps_prep=8, warps_dqk=8),
-    "warps (o, dv) 8": dict(warps=8),
+    "stages 2 (all)": dict(stages=2),
+    "stages h 2": dict(stages_h=2),
+    "stages h 3": dict(stages_h=3),
+    "stages dh 2": dict(stages_dh=2),
+    "stages dh 3": dict(stages_dh=3),
+    "stages dqk 2": dict(stages_dqk=2),
+    "stages prep 2": dict(stages_prep=2),
+    "BV_h 16": dict(BV_h=16),
+    "one group": dict(WORKSPACE_BYTES=2 ** 40),
+    "one group, keep states": dict(WORKSPACE_BYTES=2 ** 40, KEEP_BYTES=2 ** 30),
 }
+DEFAULTS = {n: getattr(TC, n) for n in ("WORKSPACE_BYTES", "KEEP_BYTES")}
+
+
+def apply(over):
+    TC.CONFIG_OVERRIDES.clear()
+    TC.CONFIG_OVERRIDES.update({k: v for k, v in over.items() if not k.isupper()})
+    for n, v in DEFAULTS.items():
+        setattr(TC, n, over.get(n, v))
+
 
 for name in sys.argv[1:] or ["mqar", "big", "long"]:
     m, x, gy = build(name)
@@ -36,11 +56,21 @@ for name in sys.argv[1:] or ["mqar", "big", "long"]:
 
     ref = None
     for label, over in VARIANTS.items():
-        TC.CONFIG_OVERRIDES.clear()
-        TC.CONFIG_OVERRIDES.update(over)
-        got = results()
+        apply(over)
+        try:
+            got = results()
+        except Exception as e:  # a variant that does not compile or run is reported, not fatal
+            print(f"{name}: {label:>24}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
         ref = ref or got
         err = max(((g - r).norm() / r.norm().clamp_min(1e-12)).item() for g, r in zip(got, ref))
         ms = do_bench(fwd_bwd, rep=200)
-        print(f"{name}: {label:>20}: fwd+bwd {ms:6.2f} ms  (rel. diff from default {err:.1e})", flush=True)
-    TC.CONFIG_OVERRIDES.clear()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        print(f"{name}: {label:>24}: fwd+bwd {ms:6.2f} ms  peak {peak:6.0f} MB  "
+              f"(rel. diff from default {err:.1e})", flush=True)
+    apply({})
