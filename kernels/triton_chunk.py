@@ -1090,7 +1090,11 @@ class ChunkMemoryFunction(torch.autograd.Function):
 # group's workspace is alive; but into no more groups than keep MIN_CHAINS (segment, head) chains each on
 # average, which the sequential kernels run in parallel (fewer would leave the GPU idle). Groups are planned
 # on the host; cu_seqlens on the GPU are copied to it during the forward, without waiting for the GPU.
-WORKSPACE_BYTES = 512 * 2 ** 20
+# Each group's sequential passes take about as long as one over every segment (their time is the chain
+# length, not the work), so fewer groups are faster: at 768 MB the MoM layer at B8 x T2048 runs in 2 groups
+# (12.95 ms, peak 1781 MB on an H100), where 512 MB made 3 (13.70 ms, 1616 MB) and one group would peak at
+# 2347 MB, above flash-linear-attention's 1992 (results/bench/core_configs.md).
+WORKSPACE_BYTES = 768 * 2 ** 20
 MIN_CHAINS = 32
 # When the backward runs as one group, the forward keeps what the backward would recompute, within
 # KEEP_BYTES: all of it if it fits (then the backward runs neither prep nor the sequential pass), else the
@@ -1098,7 +1102,7 @@ MIN_CHAINS = 32
 # length, not the work: with few long segments (B1 x T16384: 20 chains of up to 256 chunks) that pass
 # takes about a fifth of the MoM layer's time, and recomputing it costs as much again. At small sizes
 # (MQAR) keeping prep's output saves a launch and its work.
-KEEP_BYTES = WORKSPACE_BYTES
+KEEP_BYTES = 512 * 2 ** 20
 SEQUENTIAL, PREP = ("hs", "vn"), ("gc", "rn", "Mqk", "Mkk", "w")
 
 

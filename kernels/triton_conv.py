@@ -93,7 +93,7 @@ def _dpre_kernel(x, sx, w, b, pos, dy0, dy1, dy2, C0, C1, C2, dpre, dw_part, db_
     m = rmask[:, None] & cmask[None, :]
     g = _load_split(dy0, dy1, dy2, C0, C1, C2, c0, rows, cols, m).to(tl.float32)
     d = g * sig * (1 + pre * (1 - sig))
-    tl.store(dpre + rows[:, None] * C + cols[None, :], d, mask=m)
+    tl.store(dpre + rows[:, None] * C + cols[None, :], d.to(dpre.dtype.element_ty), mask=m)
     tl.store(db_part + i_n * C + cols, tl.sum(d, 0), mask=cmask)
     for j in tl.static_range(W):
         src = rows - j
@@ -113,7 +113,8 @@ def _dx_kernel(w, pos, dpre, dx, N, C, W: tl.constexpr, BN: tl.constexpr, BC: tl
         dst = rows + j
         ok = (rows < N) & (dst < N)
         ok = ok & (tl.load(pos + dst, mask=ok, other=0) >= j)
-        d = tl.load(dpre + dst[:, None] * C + cols[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+        d = tl.load(dpre + dst[:, None] * C + cols[None, :], mask=ok[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32)
         acc += d * tl.load(w + cols * W + (W - 1 - j), mask=cmask, other=0.0).to(tl.float32)[None, :]
     tl.store(dx + rows[:, None] * C + cols[None, :], acc.to(dx.dtype.element_ty),
              mask=(rows < N)[:, None] & cmask[None, :])
@@ -157,7 +158,9 @@ class ShortConvFunction(torch.autograd.Function):
         N, C = x.shape
         W = weight.shape[1]
         BN, BC, grid = _grid(N, ctx.split)
-        dpre = torch.empty(N, C, device=x.device, dtype=torch.float32)
+        # dpre is written by the first pass and read back by the second, in x's dtype: for 16-bit inputs
+        # half the traffic of fp32, and dx is rounded to that dtype anyway.
+        dpre = torch.empty_like(x, memory_format=torch.contiguous_format)
         dw_part = torch.zeros(grid[0], C, W, device=x.device, dtype=torch.float32)
         db_part = torch.zeros(grid[0], C, device=x.device, dtype=torch.float32)
         dx = x.new_empty(x.shape)

@@ -212,7 +212,7 @@ def test_backward_keeps_or_recomputes(algo, keep, monkeypatch):
 
 
 @pytest.mark.parametrize("tokens,segments,H,K,groups", [
-    (3 * 16384, 40, 4, 256, 3),  # MoM layer, B8 x T2048: about 1.1 GB of workspace, 160 chains
+    (3 * 16384, 40, 4, 256, 2),  # MoM layer, B8 x T2048: about 1.1 GB of workspace, 160 chains
     (3 * 16384, 5, 4, 256, 1),  # B1 x T16384: 20 chains, too few to split
     (3 * 65536, 640, 2, 64, 1),  # MQAR size: about 0.4 GB, under the budget
 ])
