@@ -1116,6 +1116,10 @@ def _keep(s: dict) -> Optional[dict]:
 
 
 def _group_count(p: "_Plan") -> int:
+    if p.cu_host is None and torch.cuda.is_current_stream_capturing():
+        # Planning groups reads cu_seqlens on the host, which a CUDA graph capture cannot wait for: a
+        # captured call (torch.cuda.make_graphed_callables) runs as one group, at the memory that takes.
+        return 1
     e = torch.finfo(p.work).bits // 8
     per_token = p.H * (2 * p.K * p.V * e / p.BT + 2 * p.V * e + 2 * p.BT * 4)
     return min(int(p.B * p.T * per_token // WORKSPACE_BYTES) + 1, p.N * p.H // MIN_CHAINS)

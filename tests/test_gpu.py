@@ -53,6 +53,38 @@ def test_cuda_decoding_with_step_kernel_reproduces_forward(mixer):
     torch.testing.assert_close(torch.stack(stepped, 1), logits[:, 45:], rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_mom_layer_captured_as_cuda_graph_matches_eager(grouped, monkeypatch):
+    """The MoM layer makes no host sync, so its forward and backward can be captured as CUDA graphs
+    (torch.cuda.make_graphed_callables: what takes a launch-bound size off the CPU). Replays give eager's
+    output and every gradient. With `grouped`, eager runs its backward in groups, planned on the host;
+    a captured call cannot wait for the host and runs as one group."""
+    from mom_bench.kernels import triton_chunk
+    from mom_bench.models import MemoryMixer
+
+    if grouped:
+        monkeypatch.setattr(triton_chunk, "WORKSPACE_BYTES", 1)
+        monkeypatch.setattr(triton_chunk, "MIN_CHAINS", 1)
+    torch.manual_seed(0)
+    m = MemoryMixer(128, 2, 64, kind="gated_delta", num_memories=4, topk=2, shared_memory=True).cuda()
+    x = torch.randn(4, 200, 128, device="cuda", requires_grad=True)
+    gy = torch.randn(4, 200, 128, device="cuda")
+
+    def run(f):
+        for t in [x, *m.parameters()]:
+            t.grad = None
+        y = f(x)[0]
+        y.backward(gy)
+        return [y.detach().clone()] + [t.grad.clone() for t in [x, *m.parameters()]]
+
+    eager = run(m)
+    graphed = torch.cuda.make_graphed_callables(m, (x,))
+    for _ in range(2):  # the second replay starts from the first's buffers
+        got = run(graphed)
+        for e, g in zip(eager, got):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mixer", ["mom", "gated_deltanet"])
 def test_graphed_decoder_replays_eager_steps(mixer):
     """A CUDA-graph decoder from a prefilled state gives the eager steps' logits, and advances the state."""

@@ -92,20 +92,27 @@ def kernel_case(B, T, H, K, dtype) -> Case:
                 reference="fla chunk_gated_delta_rule", target="<= 1.0x" if K == 256 else "")
 
 
-def _module_passes(module: torch.nn.Module, B, T, D, dtype) -> Dict[str, Fn]:
+def _module_passes(module: torch.nn.Module, B, T, D, dtype, graph=False) -> Dict[str, Fn]:
     module = module.to(device="cuda", dtype=dtype)
     x = torch.randn(B, T, D, device="cuda", dtype=dtype, requires_grad=True)
-    return passes(lambda: _first(module(x)), [x] + list(module.parameters()))
+    params = [x] + list(module.parameters())
+    if graph:  # forward and backward each replayed from a CUDA graph, captured once for this input
+        module = torch.cuda.make_graphed_callables(module, (x,))
+    return passes(lambda: _first(module(x)), params)
 
 
-def layer_case(B, T, D, H, head_dim, dtype, target) -> Case:
+def layer_case(B, T, D, H, head_dim, dtype, target, graph=False) -> Case:
+    """The layers at one shape; with `graph`, also ours captured as CUDA graphs (its forward and backward
+    make no host sync), for the sizes where launching, not the GPU, sets the time."""
     from mom_bench.models import Attention, MemoryMixer
 
     mom = dict(num_memories=4, topk=2, shared_memory=True)
     attn_heads = max(D // 128, 1)
+    ours_mom = lambda: MemoryMixer(D, H, head_dim, kind="gated_delta", **mom)
     contenders = [
-        Contender("ours MoM", lambda: _module_passes(
-            MemoryMixer(D, H, head_dim, kind="gated_delta", **mom), B, T, D, dtype)),
+        Contender("ours MoM", lambda: _module_passes(ours_mom(), B, T, D, dtype)),
+        *([Contender("ours MoM (CUDA graph)", lambda: _module_passes(ours_mom(), B, T, D, dtype, graph=True))]
+          if graph else []),
         Contender("fla MomAttention", lambda: _module_passes(_fla("fla.layers").MomAttention(
             hidden_size=D, head_dim=head_dim, num_heads=H, expand_v=1, num_memories=4, topk=2,
             shared_mem=True), B, T, D, dtype)),
@@ -203,7 +210,7 @@ def build_cases(suites, dtype, quick: bool) -> List[Case]:
         cases.append(layer_case(8, 2048, 1024, 4, 256, dtype, "<= 0.4x, memory <= 1.0x"))
         if not quick:
             cases.append(layer_case(1, 16384, 1024, 4, 256, dtype, "<= 0.4x"))
-        cases.append(layer_case(128, 512, 128, 2, 64, dtype, "<= 0.25x"))
+        cases.append(layer_case(128, 512, 128, 2, 64, dtype, "<= 0.25x", graph=True))
     if "decode" in suites:
         cases.append(decode_case(contexts, dtype))
     if "generate" in suites:
