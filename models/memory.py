@@ -64,8 +64,9 @@ class _Gather(torch.autograd.Function):
 
 def grouped_mm(x: Tensor, w: Tensor, ends: Tensor) -> Tensor:
     """x (N, D), w (G, D, C), ends (G,) int32: rows ends[g-1]:ends[g] of x times w[g], as one (N, C). One
-    fused product in 16-bit and fp32 (no host sync, and no per-shape GEMM planning on the host, which
-    costs about 0.1 ms a call when every call brings new row counts); a loop in fp64 (the tests). Under
+    fused product in 16-bit (no host sync, and no per-shape GEMM planning on the host, which costs about
+    0.1 ms a call when every call brings new row counts); in fp32 torch's own fallback (on CUDA it copies
+    ends to the host); a loop in fp64 (the tests). Under
     autocast both operands are cast as for a matmul: autocast itself leaves this op in fp32."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
