@@ -128,7 +128,7 @@ def _run_contender(case: Case, c: Contender, rep: int, ms: Dict[tuple, float], p
         ms[c.name, p] = time_ms(fn, rep)
         row = dict(suite=case.suite, case=case.name, name=c.name, batch_size=case.batch_size,
                    seq_len=case.seq_len, **{"pass": p}, ms=ms[c.name, p])
-        if case.memory and p == "fwd+bwd":
+        if case.memory and c.memory and p == "fwd+bwd":
             row["peak_mb"] = peak_mb(fn)
         case.rows.append(row)
 
