@@ -133,6 +133,11 @@ class GraphedDecoder:
             for k, v in s.items():
                 v.copy_(s0[k])
 
+    @staticmethod
+    def supports(model: LanguageModel) -> bool:
+        """Whether `model` can be decoded so: on a CUDA device, every layer a memory mixer."""
+        return model.embed.weight.is_cuda and all(isinstance(b.mixer, MemoryMixer) for b in model.blocks)
+
     def step(self, token: Tensor) -> Tensor:
         self.token.copy_(token)
         self.graph.replay()

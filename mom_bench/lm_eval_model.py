@@ -16,7 +16,8 @@ model_args: `checkpoint` (a checkpoint folder, or a pretraining out_dir: its lat
 training, fp32 on the CPU | float32 | bfloat16 | float16 | float64), `max_length` (default 2048),
 `max_gen_toks` (default 256, for tasks that set none), `tokenizer` (optional: must name the checkpoint's
 own tokenizer; it is there so that lm-eval passes it on to the tasks' metadata, which the recall tasks
-use to measure their window).
+use to measure their window), `cuda_graph` (default true: on CUDA, a model whose every layer is a memory
+mixer decodes with a CUDA-graph replay of its step, `GraphedDecoder`).
 
 Behaviour:
 - loglikelihood: (context + continuation) keeps its last max_length + 1 tokens (left truncation), one
@@ -28,7 +29,8 @@ Behaviour:
   parallel pass, reads the rest of each prompt step by step, then decodes each sequence with the mixers'
   recurrent state (constant memory per token for the linear mixers; a KV cache for attention). A sequence
   stops at EOS, after max_gen_toks tokens, or once its decoded continuation contains one of the `until`
-  strings; the output is cut before the first stop string. Finished sequences leave the batch.
+  strings; the output is cut before the first stop string. Finished sequences leave the batch (with a
+  CUDA-graph decoder, whose batch is fixed, they stay in it, fed EOS, and their outputs are not read).
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from mom_bench.models import GraphedDecoder
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -57,7 +61,8 @@ class MomBenchLM(TemplateLM):
     def __init__(self, checkpoint: Optional[str] = None, device: Optional[str] = "auto",
                  batch_size: int | str | None = DEFAULT_BATCH_SIZE, dtype: str = "auto",
                  max_length: Optional[int] = None, max_gen_toks: int = 256, tokenizer: Optional[str] = None,
-                 model: Optional[torch.nn.Module] = None, max_batch_size: Optional[int] = None, **kwargs: Any):
+                 model: Optional[torch.nn.Module] = None, max_batch_size: Optional[int] = None,
+                 cuda_graph: bool | str = True, **kwargs: Any):
         """Either `checkpoint` (a folder) or `model` with `tokenizer` (a tokenizer object or name)."""
         super().__init__()
         from mom_bench.tokenizer import load_tokenizer
@@ -87,6 +92,7 @@ class MomBenchLM(TemplateLM):
         self.batch_size = _batch_size(batch_size)
         self.max_length = int(max_length or DEFAULT_MAX_LENGTH)
         self.max_gen_toks = int(max_gen_toks)
+        self.cuda_graph = _flag(cuda_graph, "cuda_graph")
 
     # --- TemplateLM's tokenization interface ------------------------------------------------------------
     @property
@@ -198,20 +204,26 @@ class MomBenchLM(TemplateLM):
         shared = min(len(p) for p in prompts)
         with self._autocast():
             logits, state = self.model.prefill(torch.tensor([p[:shared] for p in prompts], device=self._device))
+            # A step at small batch costs its launches, not its GPU time: replay it from a CUDA graph where
+            # the state has a fixed size. The graph's batch is fixed too, so finished sequences stay in it,
+            # fed EOS, their rows unread; eagerly, they leave the batch and its state.
+            graph = GraphedDecoder(self.model, state) if self.cuda_graph and GraphedDecoder.supports(
+                self.model) else None
         logits = logits[:, -1]
         generated: List[List[int]] = [[] for _ in range(B)]
         texts = [""] * B
-        active = list(range(B))  # batch row r holds sequence active[r]
+        active = list(range(B))  # the sequences still decoding; sequence active[i] is row rows[i] of logits
+        rows = list(range(B))
         pos = shared  # tokens read so far by every active sequence
         while active:
             next_tokens, keep = [], []
             choice = logits.float().argmax(-1).tolist()
-            for r, b in enumerate(active):
+            for i, b in enumerate(active):
                 if pos < len(prompts[b]):  # still reading its prompt
                     next_tokens.append(prompts[b][pos])
-                    keep.append(r)
+                    keep.append(i)
                     continue
-                token = choice[r]
+                token = choice[rows[i]]
                 done = token == self.eot_token_id
                 if not done:
                     generated[b].append(token)
@@ -219,15 +231,21 @@ class MomBenchLM(TemplateLM):
                     done = len(generated[b]) >= max_new[b] or any(u in texts[b] for u in until[b])
                 if not done:
                     next_tokens.append(token)
-                    keep.append(r)
+                    keep.append(i)
             if not keep:
                 break
-            if len(keep) < len(active):  # finished sequences leave the batch and its state
-                index = torch.tensor(keep, device=self._device)
-                state = _select(state, index)
-                active = [active[r] for r in keep]
-            with self._autocast():
-                logits, state = self.model.step(torch.tensor(next_tokens, device=self._device), state)
+            if graph is not None:
+                active, rows = [active[i] for i in keep], [rows[i] for i in keep]
+                tokens = [self.eot_token_id] * B
+                for r, token in zip(rows, next_tokens):
+                    tokens[r] = token
+                logits = graph.step(torch.tensor(tokens, device=self._device))
+            else:
+                if len(keep) < len(active):  # finished sequences leave the batch and its state
+                    state = _select(state, torch.tensor([rows[i] for i in keep], device=self._device))
+                    active, rows = [active[i] for i in keep], list(range(len(keep)))
+                with self._autocast():
+                    logits, state = self.model.step(torch.tensor(next_tokens, device=self._device), state)
             pos += 1
         return generated, [_cut(texts[b], until[b]) for b in range(B)]
 
@@ -247,6 +265,15 @@ def _select(state: Any, index: torch.Tensor) -> Any:
     if isinstance(state, (list, tuple)):
         return type(state)(_select(v, index) for v in state)
     return state
+
+
+def _flag(value: bool | str, name: str) -> bool:
+    """A boolean model_arg, which lm-eval's command line passes as a string."""
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    return bool(value)
 
 
 def _name(tokenizer: Any) -> str:

@@ -107,3 +107,26 @@ def test_graphed_decoder_replays_eager_steps(mixer):
     for s, e in zip(decoder.state, eager_state):
         for k in s:
             torch.testing.assert_close(s[k], e[k], rtol=1e-5, atol=1e-5)
+
+
+def test_lm_eval_generation_with_cuda_graph_equals_eager():
+    """lm-eval's greedy generation replays the step from a CUDA graph (its batch fixed: finished rows stay,
+    fed EOS) and gives the eager path's tokens, whose finished rows leave the batch."""
+    from mom_bench.lm_eval_model import MomBenchLM
+    from mom_bench.models import GraphedDecoder
+    from mom_bench.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)
+    torch.manual_seed(3)
+    cfg = ModelConfig(mixer="mom", d_model=64, num_heads=2, embed_dropout=0.0, num_memories=4, topk=2)
+    model = build_model(cfg, tok.vocab_size)
+    with torch.no_grad():
+        model.embed.weight.mul_(30)  # larger logits: outputs that vary with the prompt
+    prompts = [tok.encode(p) for p in ("key 7 value", "a", "the longest prompt of all here", "mid size")]
+    out = {}
+    for graph in (False, True):
+        lm = MomBenchLM(model=model, tokenizer=tok, device="cuda", dtype="float32", batch_size=4, cuda_graph=graph)
+        assert GraphedDecoder.supports(lm.model)
+        out[graph] = lm.greedy_tokens(prompts, [[], ["e"], [], []], [12, 12, 5, 9])
+    assert out[True] == out[False]
+    assert len({tuple(t) for t in out[True][0]}) > 1, "outputs should depend on the prompt"

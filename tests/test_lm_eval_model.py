@@ -232,3 +232,12 @@ def test_eval_command_writes_a_record_the_report_draws(checkpoint, tmp_path):
 
     with pytest.raises(CheckpointError, match="does not exist"):
         evaluate(EvalConfig(checkpoint=str(tmp_path / "nope"), results_dir=str(tmp_path)))
+
+
+def test_cuda_graph_model_arg_from_the_command_line():
+    """lm-eval passes model_args as strings: cuda_graph=false must switch the graph decoder off."""
+    _, model = tiny("mom")
+    assert lm_of(model, cuda_graph="false").cuda_graph is False
+    assert lm_of(model, cuda_graph="True").cuda_graph is True
+    with pytest.raises(ValueError, match="cuda_graph"):
+        lm_of(model, cuda_graph="maybe")
