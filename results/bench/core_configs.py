@@ -9,9 +9,9 @@ defaults of `_config`:
 """
 import sys
 
-import torch
 from triton.testing import do_bench
 
+from mom_bench.bench import peak_mb
 from mom_bench.kernels import triton_chunk as TC
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -58,12 +58,7 @@ for name in sys.argv[1:] or ["mqar", "big", "long"]:
         ref = ref or got
         err = max(((g - r).norm() / r.norm().clamp_min(1e-12)).item() for g, r in zip(got, ref))
         ms = do_bench(fwd_bwd, rep=200)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fwd_bwd()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        peak = peak_mb(fwd_bwd)
         print(f"{name}: {label:>24}: fwd+bwd {ms:6.2f} ms  peak {peak:6.0f} MB  "
               f"(rel. diff from default {err:.1e})", flush=True)
     apply({})

@@ -13,6 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
+from mom_bench.bench import peak_mb
 from mom_bench.models import MemoryMixer
 
 CASES = {  # name: (B, T, hidden, heads, head dim, routed memories)
@@ -49,12 +50,7 @@ def profile_case(name, B, T, D, H, hd, memories):
     t0 = time.perf_counter()
     fwd_bwd()  # the CPU's share: time until the call returns, before the GPU has finished
     enqueue = 1e3 * (time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fwd_bwd()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    peak = peak_mb(fwd_bwd)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             fwd_bwd()
