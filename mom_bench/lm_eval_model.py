@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 import lm_eval.models  # noqa: F401 -- registers lm-eval's own models first (the registry fills lazily only when empty)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import get_rolling_token_windows, handle_arg_string, make_disjoint_window
 
 from mom_bench.models import GraphedDecoder
 
@@ -92,7 +92,11 @@ class MomBenchLM(TemplateLM):
         self.batch_size = _batch_size(batch_size)
         self.max_length = int(max_length or DEFAULT_MAX_LENGTH)
         self.max_gen_toks = int(max_gen_toks)
-        self.cuda_graph = _flag(cuda_graph, "cuda_graph")
+        # lm-eval's own parser turns "false" into False (model_args strings come through it; this takes
+        # a string passed directly the same way)
+        self.cuda_graph = handle_arg_string(cuda_graph) if isinstance(cuda_graph, str) else cuda_graph
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be true or false, got {cuda_graph!r}")
 
     # --- TemplateLM's tokenization interface ------------------------------------------------------------
     @property
@@ -265,15 +269,6 @@ def _select(state: Any, index: torch.Tensor) -> Any:
     if isinstance(state, (list, tuple)):
         return type(state)(_select(v, index) for v in state)
     return state
-
-
-def _flag(value: bool | str, name: str) -> bool:
-    """A boolean model_arg, which lm-eval's command line passes as a string."""
-    if isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
-        return value.lower() in ("true", "1", "yes")
-    return bool(value)
 
 
 def _name(tokenizer: Any) -> str:
