@@ -1,11 +1,11 @@
 """The shared memory core of every mom_bench mixer.
 
 `memory_op` runs the chunked (parallel) form, `memory_step` one decoding step, `short_conv` the short
-convolution before the recurrence, `combine` MoM's weighted sum of each token's memory outputs after
-it, `gated_rms_norm` the gated norm after that. The first two take the switches of `reference` (decay
+convolution before the recurrence, `pack_pairs` MoM's packing of routed tokens into segments, `combine`
+MoM's weighted sum of each token's memory outputs after it, `gated_rms_norm` the gated norm after that. The first two take the switches of `reference` (decay
 g, beta, delta rule, q/k normalisation). Two backends compute the same functions: the PyTorch
 references (`reference.py`) and the Triton kernels (`triton_chunk.py`, `triton_conv.py`,
-`triton_combine.py`, `triton_norm.py`). Models never pick one; the switch here does:
+`triton_pairs.py`, `triton_combine.py`, `triton_norm.py`). Models never pick one; the switch here does:
 
     MOM_BENCH_BACKEND=torch | triton | auto   (or `set_backend(...)`)
 
@@ -76,11 +76,19 @@ def combine(o, slots, weight, dtype=None):
     return triton_combine(o, slots, weight, dtype)
 
 
+def pack_pairs(index, num_memories, shared):
+    """MoM's (token, memory) pairs packed into (memory, sequence) segments (see `reference.pack_pairs`)."""
+    if _triton(index) is None:
+        return reference.pack_pairs(index, num_memories, shared)
+    from .triton_pairs import pack_pairs as triton_pack_pairs
+    return triton_pack_pairs(index, num_memories, shared)
+
+
 def memory_step(q, k, v, state, g=None, beta=None, delta=False, scale=None, normalize_qk=False):
     kw = dict(g=g, beta=beta, delta=delta, scale=scale, normalize_qk=normalize_qk)
     tc = _triton(q)
     return tc.step_memory(q, k, v, state, **kw) if tc else reference.step(q, k, v, state, **kw)
 
 
-__all__ = ["memory_op", "memory_step", "short_conv", "combine", "gated_rms_norm", "set_backend", "get_backend",
-           "reference", "l2norm", "segment_positions"]
+__all__ = ["memory_op", "memory_step", "short_conv", "pack_pairs", "combine", "gated_rms_norm", "set_backend",
+           "get_backend", "reference", "l2norm", "segment_positions"]

@@ -43,7 +43,9 @@ def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[Tensor],
-           cu_seqlens: Optional[Tensor], initial_state: Optional[Tensor]) -> None:
+           cu_seqlens: Optional[Tensor], initial_state: Optional[Tensor], cu_values: bool = True) -> None:
+    """Shapes, and with cu_values the values of cu_seqlens (the Triton core checks those itself, on the
+    device, in the kernel that lays out its chunks)."""
     B, T, H, K = q.shape
     if k.shape != q.shape:
         raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
@@ -57,10 +59,10 @@ def _check(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"with cu_seqlens the batch size must be 1, got {B}")
-        ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
-        if cu_seqlens.is_cuda:  # checked on the device: a host check would stall the stream every call
+        ok = cu_values and (cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+        if cu_values and cu_seqlens.is_cuda:  # checked on the device: a host check would stall the stream
             torch._assert_async(ok, f"cu_seqlens must rise from 0 to T={T}")
-        elif not ok:
+        elif cu_values and not ok:
             raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu_seqlens.tolist()}")
         N = len(cu_seqlens) - 1
     if initial_state is not None and initial_state.shape != (N, H, K, v.shape[-1]):
@@ -121,6 +123,31 @@ def segment_positions(cu_seqlens: Tensor, total: Optional[int] = None) -> Tuple[
     seg = torch.repeat_interleave(torch.arange(len(lens), device=cu_seqlens.device), lens, output_size=total)
     pos = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[seg]
     return seg, pos
+
+
+def pack_pairs(index: Tensor, num_memories: int, shared: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """MoM's (token, memory) pairs, packed into segments: one per (memory, sequence), memory-major, in time
+    order inside (a stable sort, so time order is guaranteed); with `shared`, one more memory's segments
+    after them, holding every token. index (B, T, k): each token's k distinct routed memories, in
+    [0, num_memories). Returns, with M = num_memories + shared and P = B*T*k (+ B*T):
+    tok (P,) the flat token (b*T + t) of each pair; slots (B*T, k + shared) each token's pairs, its k
+    routed ones in index order then the shared one; cu (M*B + 1,) int32 the segments' offsets; pos (P,)
+    each pair's position inside its segment. No host sync."""
+    B, T, k = index.shape
+    BT, E, dev = B * T, num_memories, index.device
+    pair_tok = torch.arange(BT, device=dev).repeat_interleave(k)
+    mem = index.reshape(-1)
+    order = torch.sort(mem * BT + pair_tok, stable=True).indices  # memory, then sequence, then time
+    slots = torch.empty_like(order)
+    slots[order] = torch.arange(len(order), device=dev)  # packed index of each (token, k) slot
+    counts = pair_tok.new_zeros(E * B).index_add_(0, mem * B + pair_tok // T, torch.ones_like(mem))
+    tok, slots = pair_tok[order], slots.view(BT, k)
+    if shared:  # its pairs are the tokens in order, after the routed ones
+        every = torch.arange(BT, device=dev)
+        tok, slots = torch.cat([tok, every]), torch.cat([slots, every[:, None] + BT * k], 1)
+        counts = torch.cat([counts, counts.new_full((B,), T)])
+    cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    return tok, slots, cu, segment_positions(cu, len(tok))[1]
 
 
 def _to_padded(x: Optional[Tensor], seg: Tensor, pos: Tensor, n: int, width: int) -> Optional[Tensor]:

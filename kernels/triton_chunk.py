@@ -48,7 +48,6 @@ import copy
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -899,21 +898,56 @@ def _config(K: int, V: int, chunk_size: int) -> dict:
     return cfg
 
 
+@triton.jit
+def _chunk_layout_kernel(cu, cidx, coff, ok, N, NT, total, BT: tl.constexpr, BN: tl.constexpr,
+                         BC: tl.constexpr):
+    """Chunks c of this program: their segment (the number of segments before the last whose chunks
+    end at or before c) and their index in it (c minus the chunks of those segments). Every program sums
+    the segments' chunk counts itself; program 0 also writes the segments' chunk offsets and checks cu."""
+    pid = tl.program_id(0)
+    c = pid * BC + tl.arange(0, BC)
+    seg = tl.zeros([BC], dtype=tl.int32)
+    first = tl.zeros([BC], dtype=tl.int32)  # the chunk offset of that segment
+    carry = 0
+    bad = 0
+    for n0 in range(0, N, BN):
+        n = n0 + tl.arange(0, BN)
+        lens = tl.load(cu + n + 1, mask=n < N, other=0) - tl.load(cu + n, mask=n < N, other=0)
+        count = (lens + BT - 1) // BT
+        ends = tl.cumsum(count, 0) + carry
+        done = (ends[None, :] <= c[:, None]) & (n < N - 1)[None, :]
+        seg += tl.sum(done.to(tl.int32), 1)
+        first += tl.sum(tl.where(done, count[None, :], 0), 1)
+        if pid == 0:
+            tl.store(coff + 1 + n, ends, mask=n < N)
+            bad += tl.sum((lens < 0).to(tl.int32), 0)
+        carry += tl.sum(count, 0)
+    m = c < NT
+    tl.store(cidx + 2 * c, seg, mask=m)
+    tl.store(cidx + 2 * c + 1, c - first, mask=m)
+    if pid == 0:
+        tl.store(coff, 0)
+        bad += (tl.load(cu) != 0).to(tl.int32) + (tl.load(cu + N) != total).to(tl.int32)
+        tl.store(ok, bad == 0)
+
+
 def _chunk_layout(cu: Tensor, BT: int, total: int) -> Tuple[Tensor, Tensor, int]:
     """For packed segments of `total` tokens: (chunk index (NT, 2) int32 of (segment, chunk in segment),
-    chunk offset of every segment (N + 1) int32, NT).
+    chunk offset of every segment (N + 1) int32, NT). Also checks on the device that cu rises from 0 to
+    total (an asynchronous assert).
 
-    Built on the device with no host sync (a sync per call would stall the stream: the MoM layer is
-    launch-bound at small sizes). NT is therefore the bound cdiv(total, BT) + N rather than the count:
+    One launch, with no host sync (a sync per call would stall the stream, and the MoM layer is bound by
+    the host's enqueue at small sizes). NT is therefore the bound cdiv(total, BT) + N rather than the count:
     chunks past the real ones point past the end of the last segment, and their programs return."""
     N = len(cu) - 1
     NT = triton.cdiv(total, BT) + N
-    lens = (cu[1:] - cu[:-1]).long()
-    coff = F.pad(((lens + BT - 1) // BT).cumsum(0), (1, 0))
-    chunk = torch.arange(NT, device=cu.device)
-    seg = torch.searchsorted(coff[1:], chunk, right=True).clamp_(max=max(N - 1, 0))
-    cidx = torch.stack([seg, chunk - coff[seg]], 1) if N else chunk.new_zeros(NT, 2)
-    return cidx.to(torch.int32), coff.to(torch.int32), NT
+    cidx = torch.empty(NT, 2, device=cu.device, dtype=torch.int32)
+    coff = torch.empty(N + 1, device=cu.device, dtype=torch.int32)
+    ok = torch.empty((), device=cu.device, dtype=torch.bool)
+    BC = 128
+    _chunk_layout_kernel[(max(triton.cdiv(NT, BC), 1),)](cu, cidx, coff, ok, N, NT, total, BT=BT, BN=256, BC=BC)
+    torch._assert_async(ok, f"cu_seqlens must rise from 0 to T={total}")
+    return cidx, coff, NT
 
 
 class _Plan:
@@ -1183,7 +1217,8 @@ def chunk_memory(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None, be
     Returns (o (B, T, H, V) in v's dtype, final state (N, H, K, V) float32); differentiable wrt q, k, v,
     g, beta and initial_state. chunk_size is a hint: see `_config`.
     """
-    _reference._check(q, k, v, g, beta, cu_seqlens, initial_state)
+    on_device = cu_seqlens is not None and cu_seqlens.is_cuda  # then `_chunk_layout` checks its values
+    _reference._check(q, k, v, g, beta, cu_seqlens, initial_state, cu_values=not on_device)
     return ChunkMemoryFunction.apply(q, k, v, g, beta, initial_state, cu_seqlens, scale, delta, normalize_qk,
                                      chunk_size)
 

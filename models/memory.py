@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import combine, memory_op, memory_step, segment_positions
+from ..kernels import combine, memory_op, memory_step, pack_pairs
 from .layers import GatedHeadNorm, ShortConv, inverse_softplus, upcast
 
 Tensor = torch.Tensor
@@ -42,6 +42,7 @@ class Pairs(NamedTuple):
     ends: Tensor  # (M,) int32: where each memory's pairs end (the offsets of the grouped projection)
     slots: Tensor  # (B * T, A) the pairs of every token: its top-k routed memories, then the shared one
     weight: Tensor  # (B * T, A) their output weights
+    pos: Tensor  # (P,) each pair's position in its segment
     aux: Tensor  # the load-balancing loss
 
 
@@ -182,31 +183,20 @@ class MemoryMixer(nn.Module):
 
     # --- training: packed segments, one core call -----------------------------------------------
     def _layout(self, x: Tensor) -> Pairs:
-        """The (token, memory) pairs of a MoM batch, packed: routed pairs grouped by memory, then sequence,
-        then time, then the shared memory's (every token, in order). All on the device: no host sync."""
+        """The (token, memory) pairs of a MoM batch, packed (`pack_pairs`): routed pairs grouped by memory,
+        then sequence, then time, then the shared memory's (every token, in order). No host sync."""
         B, T, _ = x.shape
-        BT, E, k, dev = B * T, self.routed, self.topk, x.device
+        E = self.routed
         probs, weight, index = self._route(x)
-        pair_tok = torch.arange(BT, device=dev).repeat_interleave(k)
-        mem = index.reshape(-1)
-        order = torch.sort(mem * BT + pair_tok, stable=True).indices  # memory, then sequence, then time
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order), device=dev)  # packed index of each (token, k) slot
-        tok, slots, weights = [pair_tok[order]], [inverse.view(BT, k)], [weight.reshape(BT, k)]
-        counts = pair_tok.new_zeros(E * B).index_add_(0, mem * B + pair_tok // T, torch.ones_like(mem))
-        per_memory = counts.view(E, B).sum(1)
+        tok, slots, cu, pos = pack_pairs(index, E, self.shared)
+        ends = cu[B::B].contiguous()  # where each memory's pairs end
         # Switch/Mixtral load balancing: E * sum_e (fraction of routed slots to e) * (mean prob of e)
-        aux = self.aux_loss_coef * E * (per_memory.float() / mem.numel() * probs.reshape(-1, E).mean(0)).sum()
-        if self.shared:  # its pairs are the tokens in order, after the routed ones
-            shared = torch.arange(BT, device=dev)
-            tok.append(shared)
-            slots.append(shared[:, None] + BT * k)
-            weights.append(torch.ones(BT, 1, device=dev, dtype=weight.dtype))
-            counts = torch.cat([counts, counts.new_full((B,), T)])
-            per_memory = torch.cat([per_memory, per_memory.new_full((1,), BT)])
-        cu = F.pad(counts.cumsum(0), (1, 0))
-        return Pairs(torch.cat(tok), cu, per_memory.cumsum(0).to(torch.int32), torch.cat(slots, 1),
-                     torch.cat(weights, 1), aux)
+        per_memory = torch.diff(ends[:E], prepend=ends.new_zeros(1)).to(probs.dtype) / index.numel()
+        aux = self.aux_loss_coef * E * torch.dot(per_memory, probs.reshape(-1, E).mean(0))
+        weight = weight.reshape(B * T, -1)
+        if self.shared:  # weight 1 for the shared memory
+            weight = F.pad(weight, (0, 1), value=1.0)
+        return Pairs(tok, cu, ends, slots, weight, pos, aux)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         y, aux, _ = self._parallel(x, want_state=False)
@@ -225,13 +215,13 @@ class MemoryMixer(nn.Module):
         w = self._in_weights(x.dtype)
         if self.routed:  # every pair's token row, then one grouped product: each memory's rows by its matrix
             pairs = self._layout(x)
-            cu, aux = pairs.cu, pairs.aux
+            cu, pos, aux = pairs.cu, pairs.pos, pairs.aux
             proj = grouped_mm(_Gather.apply(xf, pairs.tok, pairs.slots), w, pairs.ends)
         else:  # one memory over every token in order: the pairs are the tokens themselves
             cu = torch.arange(B + 1, device=x.device) * T
+            pos = torch.arange(T, device=x.device).repeat(B)
             aux = x.new_zeros((), dtype=torch.float32)
             proj = xf @ w[0]
-        _, pos = segment_positions(cu, len(proj))
         qkv_in, a, b = self._split(proj)
         q, k, v = self._conv(qkv_in, pos)
         g, beta = self._gates(a, b)

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # GPU correctness: the kernel suites split over processes (compiling is CPU-bound), then the model-level ones.
-# The convolution and combination files run whole (their tiny cases too, on the GPU).
+# The convolution, combination and pair-packing files run whole (their tiny cases too, on the GPU).
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_tests}
 mkdir -p $OUT/tests
 for algo in linear_attention scalar_decay gla "delta_rule and not gated" gated_delta_rule kda; do
   timeout ${T1:-300} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_kernels.py -k "$algo" > "$OUT/tests/kernels_${algo%% *}.log" 2>&1 &
 done
-timeout ${T1:-300} python3 -m pytest -q -p no:cacheprovider tests/test_triton_conv.py tests/test_triton_combine.py > $OUT/tests/conv_combine.log 2>&1 &
+timeout ${T1:-300} python3 -m pytest -q -p no:cacheprovider tests/test_triton_conv.py tests/test_triton_combine.py tests/test_triton_pairs.py > $OUT/tests/conv_combine.log 2>&1 &
 timeout ${T1:-300} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_norm.py > $OUT/tests/norm.log 2>&1 &
 wait
 timeout ${T2:-200} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_dispatch.py > $OUT/tests/models.log 2>&1

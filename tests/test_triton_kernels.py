@@ -225,6 +225,32 @@ def test_backward_groups_at_benchmark_shapes(tokens, segments, H, K, groups):
     assert len(TC._groups(plan)) == groups
 
 
+@pytest.mark.parametrize("lens", [[5], [64, 0, 1, 130, 0], list(range(0, 700, 3)), [], [0, 0]],
+                         ids=["one", "empty_and_partial", "many_blocks", "no_segments", "all_empty"])
+def test_chunk_layout(lens):
+    """Every chunk's (segment, chunk in segment) and every segment's chunk offset, against a loop; the
+    chunks past the real ones point past the last segment's end. 234 segments of up to 699 tokens take
+    several segment blocks and chunk programs."""
+    BT = 16
+    cu = F.pad(torch.tensor(lens, dtype=torch.long).cumsum(0), (1, 0)).to(DEVICE, torch.int32)
+    cidx, coff, NT = TC._chunk_layout(cu, BT, sum(lens))
+    want, offsets = [], [0]
+    for n, length in enumerate(lens):
+        want += [(n, c) for c in range(-(-length // BT))]
+        offsets.append(len(want))
+    want += [(len(lens) - 1, c - offsets[-2]) for c in range(len(want), NT)]
+    assert NT == -(-sum(lens) // BT) + len(lens)
+    assert coff.tolist() == offsets
+    assert [tuple(r) for r in cidx.tolist()] == want
+
+
+@pytest.mark.skipif(CUDA, reason="a device-side assert would end the CUDA context of the other tests")
+@pytest.mark.parametrize("cu,total", [([0, 5, 3, 9], 9), ([1, 5, 9], 9), ([0, 5, 9], 10)])
+def test_chunk_layout_checks_cu_seqlens(cu, total):
+    with pytest.raises(RuntimeError, match="must rise"):
+        TC._chunk_layout(torch.tensor(cu, dtype=torch.int32), 16, total)
+
+
 def test_empty_sequences():
     cu = torch.zeros(3, dtype=torch.long, device=DEVICE)
     check("gated_delta_rule", 1, 0, 2, 16, 16, 16, True, True, seed=2, cu_seqlens=cu, N=2)
