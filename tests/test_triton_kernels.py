@@ -218,8 +218,8 @@ def test_backward_keeps_or_recomputes(algo, keep, monkeypatch):
 ])
 def test_backward_groups_at_benchmark_shapes(tokens, segments, H, K, groups):
     """How many groups the backward plans at the MoM benchmark shapes (bf16, equal segments)."""
-    q = torch.empty(1, 1, H, K, dtype=torch.bfloat16).expand(1, tokens, H, K)
-    cu = torch.arange(segments + 1) * (tokens // segments)
+    q = torch.empty(1, 1, H, K, dtype=torch.bfloat16, device=DEVICE).expand(1, tokens, H, K)
+    cu = torch.arange(segments + 1) * (tokens // segments)  # on the host: the plan needs no copy
     cu[-1] = tokens
     plan = TC._Plan(q, q, q, None, None, True, None, cu, True, 64)
     assert len(TC._groups(plan)) == groups
