@@ -182,18 +182,17 @@ class MemoryMixer(nn.Module):
         return self.out(self.norm(o.to(x.dtype), self.gate(x)))
 
     # --- training: packed segments, one core call -----------------------------------------------
-    def _layout(self, x: Tensor) -> Pairs:
-        """The (token, memory) pairs of a MoM batch, packed (`pack_pairs`): routed pairs grouped by memory,
-        then sequence, then time, then the shared memory's (every token, in order). No host sync."""
-        B, T, _ = x.shape
+    def _layout(self, xf: Tensor, B: int, T: int) -> Pairs:
+        """The (token, memory) pairs of a MoM batch xf (B * T, D), packed (`pack_pairs`): routed pairs
+        grouped by memory, then sequence, then time, then the shared memory's (every token, in order). No
+        host sync."""
         E = self.routed
-        probs, weight, index = self._route(x)
-        tok, slots, cu, pos = pack_pairs(index, E, self.shared)
+        probs, weight, index = self._route(xf)
+        tok, slots, cu, pos = pack_pairs(index.view(B, T, -1), E, self.shared)
         ends = cu[B::B].contiguous()  # where each memory's pairs end
         # Switch/Mixtral load balancing: E * sum_e (fraction of routed slots to e) * (mean prob of e)
-        per_memory = torch.diff(ends[:E], prepend=ends.new_zeros(1)).to(probs.dtype) / index.numel()
-        aux = self.aux_loss_coef * E * torch.dot(per_memory, probs.reshape(-1, E).mean(0))
-        weight = weight.reshape(B * T, -1)
+        per_memory = torch.diff(ends[:E], prepend=ends.new_zeros(1)).to(probs.dtype)
+        aux = self.aux_loss_coef * E / index.numel() * torch.dot(per_memory, probs.mean(0))
         if self.shared:  # weight 1 for the shared memory
             weight = F.pad(weight, (0, 1), value=1.0)
         return Pairs(tok, cu, ends, slots, weight, pos, aux)
@@ -214,7 +213,7 @@ class MemoryMixer(nn.Module):
         xf = x.reshape(B * T, D)
         w = self._in_weights(x.dtype)
         if self.routed:  # every pair's token row, then one grouped product: each memory's rows by its matrix
-            pairs = self._layout(x)
+            pairs = self._layout(xf, B, T)
             cu, pos, aux = pairs.cu, pairs.pos, pairs.aux
             proj = grouped_mm(_Gather.apply(xf, pairs.tok, pairs.slots), w, pairs.ends)
         else:  # one memory over every token in order: the pairs are the tokens themselves
@@ -226,19 +225,18 @@ class MemoryMixer(nn.Module):
         q, k, v = self._conv(qkv_in, pos)
         g, beta = self._gates(a, b)
         # MoM: one packed batch of segments; a plain mixer: its B sequences as they are (no cu_seqlens, so
-        # the core knows the segments on the host)
+        # the core knows the segments on the host). One view per tensor: each is a node of the backward.
         seqs = (1, len(proj)) if self.routed else (B, T)
-        rows = lambda t: None if t is None else t.view(*seqs, *t.shape[1:])
-        heads = lambda t, d: rows(t.unflatten(-1, (H, d)))
-        o, final = memory_op(heads(q, K), heads(k, K), heads(v, V), g=rows(g), beta=rows(beta),
+        rows = lambda t, *d: None if t is None else t.view(*seqs, *(d or t.shape[1:]))
+        o, final = memory_op(rows(q, H, K), rows(k, H, K), rows(v, H, V), g=rows(g), beta=rows(beta),
                              delta=self.kind.delta, cu_seqlens=cu if self.routed else None,
                              normalize_qk=self.kind.normalize_qk, chunk_size=self.chunk_size)
-        o = o.flatten(0, 1)
+        o = o.reshape(len(proj), H, V)  # a view of the Triton core's output (the reference's is transposed)
         if self.kind.skip:
             o = upcast(o) + self.D_skip[:, None] * upcast(v).unflatten(-1, (H, V))
         if self.routed:  # each token's memories, weighted, summed in fp32
-            o = combine(o.flatten(1), pairs.slots, pairs.weight, x.dtype)
-        y = self._finish(o.view(B, T, H, V), x)
+            o = combine(o.view(len(proj), H * V), pairs.slots, pairs.weight, x.dtype).view(B * T, H, V)
+        y = self._finish(o, xf).view(B, T, D)
         if not want_state:
             return y, aux, None
         # Segments are ordered memory-major (memory, sequence): M * B of them, some possibly empty, whose

@@ -52,8 +52,8 @@ def test_mom_groups_pairs_by_memory_then_sequence_then_time():
     torch.manual_seed(1)
     mixer = build_mixer("mom", config())
     B, T = 3, 50
-    x = torch.randn(B, T, 24)
-    pairs = mixer._layout(x)
+    x = torch.randn(B * T, 24)
+    pairs = mixer._layout(x, B, T)
     tok, cu = pairs.tok, pairs.cu
     per_memory = torch.diff(pairs.ends, prepend=pairs.ends.new_zeros(1)).tolist()
     _, weight, index = mixer._route(x)
@@ -82,7 +82,7 @@ def test_mom_gather_has_index_select_gradients():
     """The layer's gather of tokens to pairs backpropagates as index_select."""
     torch.manual_seed(4)
     mixer = build_mixer("mom", config())
-    pairs = mixer._layout(torch.randn(2, 9, 24))
+    pairs = mixer._layout(torch.randn(2 * 9, 24), 2, 9)
     x = torch.randn(18, 5, dtype=torch.float64, requires_grad=True)
     g = torch.randn(len(pairs.tok), 5, dtype=torch.float64)
     got, = torch.autograd.grad(_Gather.apply(x, pairs.tok, pairs.slots), x, g)
