@@ -86,7 +86,7 @@ class GatedRMSNormFunction(torch.autograd.Function):
         R, V = xr.shape
         BR, BV = _blocks(V)
         dx, dg = torch.empty_like(xr), torch.empty_like(gr)
-        dw_part = torch.zeros(triton.cdiv(R, BR), V, device=xr.device, dtype=torch.float32)
+        dw_part = torch.empty(triton.cdiv(R, BR), V, device=xr.device, dtype=torch.float32)  # all written
         if R:
             dyr = dy.reshape(R, V).contiguous()
             _bwd_kernel[(triton.cdiv(R, BR),)](xr, gr, weight.contiguous(), rstd, dyr, dx, dg, dw_part, R, V, BR, BV)

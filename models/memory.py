@@ -124,6 +124,7 @@ class MemoryMixer(nn.Module):
         self.widths = (H * K, H * K, H * V, n_a, H if self.kind.beta == "sigmoid" else 0)
         self.w_q = nn.Parameter(torch.empty(D, H * K).uniform_(-D ** -0.5, D ** -0.5))
         self.w_in = per_memory(sum(self.widths[1:]))
+        self.register_buffer("pad", torch.zeros(M, D, -sum(self.widths) % 16), persistent=False)  # `_in_weights`
         if self.kind.decay == "head":  # Mamba-style decay parameters, shared by all memories
             self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
             dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
@@ -148,9 +149,7 @@ class MemoryMixer(nn.Module):
         """(M, D, q|k|v|a|b columns, zero-padded to a multiple of 16): every memory's input projection. The
         grouped product needs rows of a multiple of 16 bytes, and the convolution reads q|k|v with
         vectorised loads only when its rows are a multiple of 16 elements apart."""
-        D, n = self.d_model, sum(self.widths)
-        pad = self.w_q.new_zeros(self.M, D, -n % 16)
-        return torch.cat([self.w_q.expand(self.M, D, -1), self.w_in, pad], -1).to(dtype)
+        return torch.cat([self.w_q.expand(self.M, self.d_model, -1), self.w_in, self.pad], -1).to(dtype)
 
     def _split(self, proj: Tensor, with_q: bool = True) -> Tuple[Tensor, ...]:
         """(q|k|v, a, b) from projected rows, or (k|v, a, b) without q: one autograd node, whose backward
@@ -191,7 +190,7 @@ class MemoryMixer(nn.Module):
         tok, slots, cu, pos = pack_pairs(index.view(B, T, -1), E, self.shared)
         ends = cu[B::B].contiguous()  # where each memory's pairs end
         # Switch/Mixtral load balancing: E * sum_e (fraction of routed slots to e) * (mean prob of e)
-        per_memory = torch.diff(ends[:E], prepend=ends.new_zeros(1)).to(probs.dtype)
+        per_memory = torch.diff(cu[:(E + 1) * B:B]).to(probs.dtype)  # pairs of each routed memory
         aux = self.aux_loss_coef * E / index.numel() * torch.dot(per_memory, probs.mean(0))
         if self.shared:  # weight 1 for the shared memory
             weight = F.pad(weight, (0, 1), value=1.0)
