@@ -2,10 +2,11 @@
 
 `memory_op` runs the chunked (parallel) form, `memory_step` one decoding step, `short_conv` the short
 convolution before the recurrence, `pack_pairs` MoM's packing of routed tokens into segments, `combine`
-MoM's weighted sum of each token's memory outputs after it, `gated_rms_norm` the gated norm after that. The first two take the switches of `reference` (decay
-g, beta, delta rule, q/k normalisation). Two backends compute the same functions: the PyTorch
-references (`reference.py`) and the Triton kernels (`triton_chunk.py`, `triton_conv.py`,
-`triton_pairs.py`, `triton_combine.py`, `triton_norm.py`). Models never pick one; the switch here does:
+MoM's weighted sum of each token's memory outputs after it, `gated_rms_norm` the gated norm after that.
+The first two take the switches of `reference` (decay g, beta, delta rule, q/k normalisation). Two
+backends compute the same functions: the PyTorch references (`reference.py`) and the Triton kernels
+(`triton_chunk.py`, `triton_conv.py`, `triton_pairs.py`, `triton_combine.py`, `triton_norm.py`). Models
+never pick one; the switch here does:
 
     MOM_BENCH_BACKEND=torch | triton | auto   (or `set_backend(...)`)
 

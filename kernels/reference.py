@@ -59,11 +59,12 @@ def _check(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"with cu_seqlens the batch size must be 1, got {B}")
-        ok = cu_values and (cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
-        if cu_values and cu_seqlens.is_cuda:  # checked on the device: a host check would stall the stream
-            torch._assert_async(ok, f"cu_seqlens must rise from 0 to T={T}")
-        elif cu_values and not ok:
-            raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu_seqlens.tolist()}")
+        if cu_values:
+            ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+            if cu_seqlens.is_cuda:  # checked on the device: a host check would stall the stream
+                torch._assert_async(ok, f"cu_seqlens must rise from 0 to T={T}")
+            elif not ok:
+                raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {cu_seqlens.tolist()}")
         N = len(cu_seqlens) - 1
     if initial_state is not None and initial_state.shape != (N, H, K, v.shape[-1]):
         raise ValueError(f"initial_state must be ({N}, {H}, {K}, {v.shape[-1]}), got {tuple(initial_state.shape)}")
