@@ -10,13 +10,11 @@ both give the same output and gradients from the same weights.
 The case names are those of profile_layers.py.
 """
 import sys
-import time
 
-import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from profile_layers import CASES, build  # noqa: E402
+from profile_layers import CASES, build, enqueue_ms  # noqa: E402
 
 
 def fwd_bwd_of(m, x, gy):
@@ -26,16 +24,6 @@ def fwd_bwd_of(m, x, gy):
         x.grad = None
         m(x)[0].backward(gy)
     return run
-
-
-def enqueue(fn, n=20):
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return 1e3 * (t1 - t0) / n, 1e3 * (time.perf_counter() - t0) / n
 
 
 def compare(name, old_mixer):
@@ -53,7 +41,7 @@ def compare(name, old_mixer):
     times = {label: [] for label in runs}
     for _ in range(3):
         for label, fn in runs.items():
-            times[label].append(enqueue(fn))
+            times[label].append(enqueue_ms(fn))
     bench = {label: do_bench(fn, rep=300) for label, fn in runs.items()}
     print(f"### {name}: largest relative gradient difference new vs old {worst:.1e}")
     print("| version | CPU enqueue ms (3 runs of 20) | wall ms per call | do_bench ms |")

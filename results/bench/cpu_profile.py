@@ -7,13 +7,12 @@ fwd+bwd with and without the profiler, and a plain linear layer's fwd+bwd at the
 import cProfile
 import pstats
 import sys
-import time
 
 import torch
 
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from profile_layers import build  # noqa: E402
+from profile_layers import build, enqueue_ms  # noqa: E402
 
 name = sys.argv[1] if len(sys.argv) > 1 else "mqar"
 m, x, gy = build(name)
@@ -29,18 +28,6 @@ def fwd_bwd():
 
 def linear():
     lin(x).backward(gy)
-
-
-def enqueue_ms(fn, n=20):
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    return 1e3 * (t1 - t0) / n, 1e3 * (t2 - t0) / n
 
 
 for label, fn in (("MoM layer", fwd_bwd), ("one linear layer", linear)):

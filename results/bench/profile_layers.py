@@ -36,6 +36,20 @@ def build(name):
     return m, x, gy
 
 
+def enqueue_ms(fn, n=20):
+    """(CPU ms to enqueue one call of fn, wall ms per call) over n calls after one warm-up; also used by
+    cpu_profile.py and ab_layer.py."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return 1e3 * (t1 - t0) / n, 1e3 * (t2 - t0) / n
+
+
 def profile_case(name, B, T, D, H, hd, memories):
     m, x, gy = build(name)
 
