@@ -188,13 +188,13 @@ class MemoryMixer(nn.Module):
         E = self.routed
         probs, weight, index = self._route(xf)
         tok, slots, cu, pos = pack_pairs(index.view(B, T, -1), E, self.shared)
-        ends = cu[B::B].contiguous()  # where each memory's pairs end
+        bounds = cu[::B]  # (M + 1,) where each memory's pairs start, and the end
         # Switch/Mixtral load balancing: E * sum_e (fraction of routed slots to e) * (mean prob of e)
-        per_memory = torch.diff(cu[:(E + 1) * B:B]).to(probs.dtype)  # pairs of each routed memory
+        per_memory = torch.diff(bounds[:E + 1]).to(probs.dtype)  # pairs of each routed memory
         aux = self.aux_loss_coef * E / index.numel() * torch.dot(per_memory, probs.mean(0))
         if self.shared:  # weight 1 for the shared memory
             weight = F.pad(weight, (0, 1), value=1.0)
-        return Pairs(tok, cu, ends, slots, weight, pos, aux)
+        return Pairs(tok, cu, bounds[1:].contiguous(), slots, weight, pos, aux)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         y, aux, _ = self._parallel(x, want_state=False)
