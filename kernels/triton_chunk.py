@@ -57,6 +57,9 @@ from .triton_env import interpreting
 Tensor = torch.Tensor
 
 INTERPRET = interpreting()
+# The interpreter's tl.dot multiplies the bit patterns of bf16 operands (triton-lang/triton#11584): there
+# `_lp` rounds operands to bf16 but hands them over as fp32, which gives the same products.
+_BF16_DOT = tl.constexpr(not INTERPRET)
 EPS = tl.constexpr(1e-6)  # the eps of reference.l2norm
 
 
@@ -358,6 +361,26 @@ def _prep_kernel(q, k, v, g, beta, gc, rn, Mqk, Mkk, Ai, w, u, cu, cidx, scale,
 
 
 @triton.jit
+def _lp(x, DOT16: tl.constexpr):
+    """A product operand: bf16 under DOT16 (see `_Plan.dot16`), else as it is."""
+    if DOT16:
+        y = x.to(tl.bfloat16)
+        if not _BF16_DOT:
+            y = y.to(tl.float32)
+    else:
+        y = x
+    return y
+
+
+@triton.jit
+def _w_h(w, h, offs, valid, col0, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+         DOT16: tl.constexpr):
+    """One K block's share of W h."""
+    ww = _load_tile(w + i_h * K, offs, valid, col0, H * K, K, BK)
+    return tl.dot(_lp(ww, DOT16), _lp(h, DOT16), input_precision=PREC)
+
+
+@triton.jit
 def _state_init(ptr, base, row0, col0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 HAS: tl.constexpr):
     if HAS:
@@ -369,7 +392,7 @@ def _state_init(ptr, base, row0, col0, K: tl.constexpr, V: tl.constexpr, BK: tl.
 
 @triton.jit
 def _h_step(h, k, gc, f, offs, valid, t_last, i_h, col0, b_vn, eG, H: tl.constexpr, K: tl.constexpr,
-            BK: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+            BK: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, DOT16: tl.constexpr):
     """One K block of h <- e^{G_last} h + (k e^{G_last - G})^T v_new. For DECAY < 2 the row factors are
     already on b_vn and eG = e^{G_last}; per channel, f (the k norms) and the decay go on the k block."""
     kk = _load_tile(k + i_h * K, offs, valid, col0, H * K, K, BK)
@@ -379,14 +402,15 @@ def _h_step(h, k, gc, f, offs, valid, t_last, i_h, col0, b_vn, eG, H: tl.constex
         h = h * tl.exp(G_last)[:, None]
     if DECAY == 1:
         h = h * eG
-    return h + tl.dot(tl.trans(kk), b_vn, input_precision=PREC)
+    return h + tl.dot(tl.trans(_lp(kk, DOT16)), b_vn, input_precision=PREC)
 
 
 @triton.jit
 def _h_fwd_kernel(k, v, beta, gc, rn, w, u, h0, hs, vn, ht, cu, coff,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   NK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, HAS_BETA: tl.constexpr,
-                  DELTA: tl.constexpr, NORM: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
+                  DELTA: tl.constexpr, NORM: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr,
+                  DOT16: tl.constexpr):
     """The sequential pass: per (segment, head, V block), the state at every chunk start and v_new.
 
     W h sums over every key row, so one program holds all of them, as NK <= 4 separate (BK, BV) tiles:
@@ -420,15 +444,13 @@ def _h_fwd_kernel(k, v, beta, gc, rn, w, u, h0, hs, vn, ht, cu, coff,
             _store_state(hs, h4, hb, 3 * BK, v0, K, V, BK, BV)
         if DELTA:
             b_vn = _load_tile(u + i_h * V, offs, valid, v0, H * V, V, BV)
-            b_vn -= tl.dot(_load_tile(w + i_h * K, offs, valid, 0, H * K, K, BK), h1, input_precision=PREC)
+            b_vn -= _w_h(w, h1, offs, valid, 0, i_h, H, K, BK, PREC, DOT16)
             if NK > 1:
-                b_vn -= tl.dot(_load_tile(w + i_h * K, offs, valid, BK, H * K, K, BK), h2, input_precision=PREC)
+                b_vn -= _w_h(w, h2, offs, valid, BK, i_h, H, K, BK, PREC, DOT16)
             if NK > 2:
-                b_vn -= tl.dot(_load_tile(w + i_h * K, offs, valid, 2 * BK, H * K, K, BK), h3,
-                               input_precision=PREC)
+                b_vn -= _w_h(w, h3, offs, valid, 2 * BK, i_h, H, K, BK, PREC, DOT16)
             if NK > 3:
-                b_vn -= tl.dot(_load_tile(w + i_h * K, offs, valid, 3 * BK, H * K, K, BK), h4,
-                               input_precision=PREC)
+                b_vn -= _w_h(w, h4, offs, valid, 3 * BK, i_h, H, K, BK, PREC, DOT16)
             _store_tile(vn + i_h * V, b_vn, offs, valid, v0, H * V, V, BV)
         else:
             b_vn = _load_tile(v + i_h * V, offs, valid, v0, H * V, V, BV)
@@ -443,13 +465,14 @@ def _h_fwd_kernel(k, v, beta, gc, rn, w, u, h0, hs, vn, ht, cu, coff,
                 f = f * tl.exp(G_last - G)
                 eG = tl.exp(G_last)
             b_vn = b_vn * f[:, None]
-        h1 = _h_step(h1, k, gc, f, offs, valid, t_last, i_h, 0, b_vn, eG, H, K, BK, DECAY, PREC)
+        b_vn = _lp(b_vn, DOT16)
+        h1 = _h_step(h1, k, gc, f, offs, valid, t_last, i_h, 0, b_vn, eG, H, K, BK, DECAY, PREC, DOT16)
         if NK > 1:
-            h2 = _h_step(h2, k, gc, f, offs, valid, t_last, i_h, BK, b_vn, eG, H, K, BK, DECAY, PREC)
+            h2 = _h_step(h2, k, gc, f, offs, valid, t_last, i_h, BK, b_vn, eG, H, K, BK, DECAY, PREC, DOT16)
         if NK > 2:
-            h3 = _h_step(h3, k, gc, f, offs, valid, t_last, i_h, 2 * BK, b_vn, eG, H, K, BK, DECAY, PREC)
+            h3 = _h_step(h3, k, gc, f, offs, valid, t_last, i_h, 2 * BK, b_vn, eG, H, K, BK, DECAY, PREC, DOT16)
         if NK > 3:
-            h4 = _h_step(h4, k, gc, f, offs, valid, t_last, i_h, 3 * BK, b_vn, eG, H, K, BK, DECAY, PREC)
+            h4 = _h_step(h4, k, gc, f, offs, valid, t_last, i_h, 3 * BK, b_vn, eG, H, K, BK, DECAY, PREC, DOT16)
     _store_state(ht, h1, base, 0, v0, K, V, BK, BV)
     if NK > 1:
         _store_state(ht, h2, base, BK, v0, K, V, BK, BV)
@@ -463,7 +486,7 @@ def _h_fwd_kernel(k, v, beta, gc, rn, w, u, h0, hs, vn, ht, cu, coff,
 def _o_fwd_kernel(q, v, beta, gc, rn, Mqk, hs, vn, o, cu, cidx, scale,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, NK: tl.constexpr, DECAY: tl.constexpr, HAS_BETA: tl.constexpr,
-                  DELTA: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr):
+                  DELTA: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr, DOT16: tl.constexpr):
     """o = (q e^G) h + M v_new, the first product summed over K blocks."""
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs, valid, t_last, live = _chunk_rows(cu, cidx, i_t, BT)
@@ -476,7 +499,8 @@ def _o_fwd_kernel(q, v, beta, gc, rn, Mqk, hs, vn, o, cu, cidx, scale,
         if DECAY == 2:
             G, G_last = _decay_cols(gc, offs, valid, t_last, i_h, i_k * BK, H, K, BK)
             qb = qb * tl.exp(G)
-        acc += tl.dot(qb, _load_state(hs, hbase, i_k * BK, i_v * BV, K, V, BK, BV), input_precision=PREC)
+        hb = _load_state(hs, hbase, i_k * BK, i_v * BV, K, V, BK, BV)
+        acc += tl.dot(_lp(qb, DOT16), _lp(hb, DOT16), input_precision=PREC)
     f = _row_factor(rn, offs, valid, i_h, H, 0, NORM) * scale
     if DECAY == 1:
         G, G_last = _decay_rows(gc, offs, valid, t_last, i_h, H)
@@ -498,18 +522,19 @@ def _o_fwd_kernel(q, v, beta, gc, rn, Mqk, hs, vn, o, cu, cidx, scale,
 
 @triton.jit
 def _k_dh(dh, k, gc, fk, offs, valid, t_last, i_h, col0, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-          DECAY: tl.constexpr, PREC: tl.constexpr):
+          DECAY: tl.constexpr, PREC: tl.constexpr, DOT16: tl.constexpr):
     """One K block of (k e^{G_last - G}) dh; for DECAY < 2 without the row factors (applied on the sum)."""
     kk = _load_tile(k + i_h * K, offs, valid, col0, H * K, K, BK)
     if DECAY == 2:
         G, G_last = _decay_cols(gc, offs, valid, t_last, i_h, col0, H, K, BK)
         kk = kk * (fk[:, None] * tl.exp(G_last[None, :] - G))
-    return tl.dot(kk, dh, input_precision=PREC)
+    return tl.dot(_lp(kk, DOT16), _lp(dh, DOT16), input_precision=PREC)
 
 
 @triton.jit
 def _dh_step(dh, q, w, gc, fq, offs, valid, t_last, i_h, col0, b_do, b_dvn, eG, H: tl.constexpr,
-             K: tl.constexpr, BK: tl.constexpr, DECAY: tl.constexpr, DELTA: tl.constexpr, PREC: tl.constexpr):
+             K: tl.constexpr, BK: tl.constexpr, DECAY: tl.constexpr, DELTA: tl.constexpr, PREC: tl.constexpr,
+             DOT16: tl.constexpr):
     """One K block of dh <- e^{G_last} dh + (q e^G)^T do - W^T dv_new (for DECAY < 2 the row factors of
     q are already on b_do)."""
     qq = _load_tile(q + i_h * K, offs, valid, col0, H * K, K, BK)
@@ -519,10 +544,10 @@ def _dh_step(dh, q, w, gc, fq, offs, valid, t_last, i_h, col0, b_do, b_dvn, eG, 
         dh = dh * tl.exp(G_last)[:, None]
     if DECAY == 1:
         dh = dh * eG
-    dh += tl.dot(tl.trans(qq), b_do, input_precision=PREC)
+    dh += tl.dot(tl.trans(_lp(qq, DOT16)), b_do, input_precision=PREC)
     if DELTA:
-        dh -= tl.dot(tl.trans(_load_tile(w + i_h * K, offs, valid, col0, H * K, K, BK)), b_dvn,
-                     input_precision=PREC)
+        ww = _lp(_load_tile(w + i_h * K, offs, valid, col0, H * K, K, BK), DOT16)
+        dh -= tl.dot(tl.trans(ww), b_dvn, input_precision=PREC)
     return dh
 
 
@@ -530,7 +555,8 @@ def _dh_step(dh, q, w, gc, fq, offs, valid, t_last, i_h, col0, b_do, b_dvn, eG, 
 def _dh_bwd_kernel(q, k, gc, rn, Mqk, w, do, dht, dhs, dvn, dh0, cu, coff, scale,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    NK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, DELTA: tl.constexpr,
-                   NORM: tl.constexpr, HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
+                   NORM: tl.constexpr, HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr,
+                   DOT16: tl.constexpr):
     """The reverse pass: per chunk, the gradient wrt the state at its end (dhs) and wrt v_new (dvn); the
     state gradient held as NK <= 4 (BK, BV) tiles as in the forward pass."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -571,32 +597,34 @@ def _dh_bwd_kernel(q, k, gc, rn, Mqk, w, do, dht, dhs, dvn, dh0, cu, coff, scale
             fq = fq * tl.exp(G)
             eG = tl.exp(G_last)
         # dv_new = M^T do + (k e^{G_last - G}) dh_next
-        x = _k_dh(dh1, k, gc, fk, offs, valid, t_last, i_h, 0, H, K, BK, DECAY, PREC)
+        x = _k_dh(dh1, k, gc, fk, offs, valid, t_last, i_h, 0, H, K, BK, DECAY, PREC, DOT16)
         if NK > 1:
-            x += _k_dh(dh2, k, gc, fk, offs, valid, t_last, i_h, BK, H, K, BK, DECAY, PREC)
+            x += _k_dh(dh2, k, gc, fk, offs, valid, t_last, i_h, BK, H, K, BK, DECAY, PREC, DOT16)
         if NK > 2:
-            x += _k_dh(dh3, k, gc, fk, offs, valid, t_last, i_h, 2 * BK, H, K, BK, DECAY, PREC)
+            x += _k_dh(dh3, k, gc, fk, offs, valid, t_last, i_h, 2 * BK, H, K, BK, DECAY, PREC, DOT16)
         if NK > 3:
-            x += _k_dh(dh4, k, gc, fk, offs, valid, t_last, i_h, 3 * BK, H, K, BK, DECAY, PREC)
+            x += _k_dh(dh4, k, gc, fk, offs, valid, t_last, i_h, 3 * BK, H, K, BK, DECAY, PREC, DOT16)
         if DECAY < 2:
             x = x * fk[:, None]
         b_do = _load_tile(do + i_h * V, offs, valid, v0, H * V, V, BV)
         M = _load_tile(Mqk + i_h * BT, offs, valid, 0, H * BT, BT, BT)
         b_dvn = x + tl.dot(tl.trans(M), b_do, input_precision=PREC)
         _store_tile(dvn + i_h * V, b_dvn, offs, valid, v0, H * V, V, BV)
+        b_dvn = _lp(b_dvn, DOT16)
         if DECAY < 2:
             b_do = b_do * fq[:, None]
+        b_do = _lp(b_do, DOT16)
         dh1 = _dh_step(dh1, q, w, gc, fq, offs, valid, t_last, i_h, 0, b_do, b_dvn, eG, H, K, BK, DECAY, DELTA,
-                       PREC)
+                       PREC, DOT16)
         if NK > 1:
             dh2 = _dh_step(dh2, q, w, gc, fq, offs, valid, t_last, i_h, BK, b_do, b_dvn, eG, H, K, BK, DECAY,
-                           DELTA, PREC)
+                           DELTA, PREC, DOT16)
         if NK > 2:
             dh3 = _dh_step(dh3, q, w, gc, fq, offs, valid, t_last, i_h, 2 * BK, b_do, b_dvn, eG, H, K, BK, DECAY,
-                           DELTA, PREC)
+                           DELTA, PREC, DOT16)
         if NK > 3:
             dh4 = _dh_step(dh4, q, w, gc, fq, offs, valid, t_last, i_h, 3 * BK, b_do, b_dvn, eG, H, K, BK, DECAY,
-                           DELTA, PREC)
+                           DELTA, PREC, DOT16)
     if HAS_H0:
         _store_state(dh0, dh1, base, 0, v0, K, V, BK, BV)
         if NK > 1:
@@ -967,15 +995,22 @@ class _Plan:
         self.cu_copy = None
         self._layout(cu_seqlens.to(q.device, torch.int32).contiguous(), B, T)
         # What the passes store between kernels (states, W, U, v_new and their gradients): 16-bit inputs
-        # keep them in bf16, as they keep their inputs (half the memory and traffic; every product still
-        # runs on fp32 operands and accumulates in fp32); fp32 inputs keep fp32.
+        # keep them in bf16, as they keep their inputs (half the memory and traffic); fp32 inputs keep fp32.
         self.work = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
         self.decay = 0 if g is None else (2 if g.dim() == 4 else 1)
         self.has_beta, self.delta, self.norm = beta is not None, bool(delta), bool(normalize_qk)
         self.scale = float(K ** -0.5 if scale is None else scale)
         # fp32 inputs: three-pass tf32 products, about fp32-accurate ("ieee" unrolls into FMA code that
-        # takes minutes to compile); 16-bit inputs: one-pass tf32 on fp32 operands.
+        # takes minutes to compile); 16-bit inputs: one-pass tf32 on fp32 operands, except where DOT16.
         self.prec = "tf32x3" if all(x.dtype == torch.float32 for x in (q, k, v)) else "tf32"
+        # bf16 inputs (DOT16): the two sequential kernels and the o kernel multiply on bf16 operands, with
+        # fp32 accumulation. Their inputs and W are bf16 arrays already (exact); the running state and
+        # v_new (or their gradients) are rounded to bf16 as they are stored for the other kernels anyway.
+        # That takes half the shared memory and tensor-core issue of tf32: the sequential passes, bound by
+        # their chain of steps, took 16-18% less at the MoM benchmark shapes (results/bench/run26.md).
+        # M stays tf32 (computed in fp32), and so do the other kernels: the dq/dk kernel, short of
+        # registers, spilled more and was slower on bf16 operands.
+        self.dot16 = all(x.dtype == torch.bfloat16 for x in (q, k, v)) and cfg.get("dot16", True)
         self.BK, self.BV, self.KP, self.BV_h, self.BC = cfg["BK"], cfg["BV"], cfg["KP"], cfg["BV_h"], cfg["BC"]
         self.BV_dqk, self.BK_dqk = cfg["BV_dqk"], cfg["BK_dqk_channel" if self.decay == 2 else "BK_dqk"]
         self.NK, self.NV = triton.cdiv(K, self.BK), triton.cdiv(V, self.BV)
@@ -1056,7 +1091,7 @@ def _forward_states(p: _Plan, q, k, v, g, beta, h0, Ai=None, kept=None) -> dict:
     _h_fwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
         k, v, _or(beta, x), o["gc"], o["rn"], o["w"], o["u"], _or(h0, x), s["hs"], o["vn"], s["ht"], p.cu,
         p.coff, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_BETA=p.has_beta, HAS_H0=h0 is not None,
-        **p.switches(), **p.launch("_h", "h"))
+        DOT16=p.dot16, **p.switches(), **p.launch("_h", "h"))
     s["u"] = None  # read by the sequential pass only
     return s
 
@@ -1079,7 +1114,7 @@ class ChunkMemoryFunction(torch.autograd.Function):
             _o_fwd_kernel[(p.NV, p.NT, p.H)](fq, fv, _or(fb, x), _or(s["gc"], x), _or(s["rn"], x), s["Mqk"],
                                              s["hs"], _or(s["vn"], x), o, p.cu, p.cidx, p.scale, H=p.H, K=p.K,
                                              V=p.V, BT=p.BT, BK=p.BK, BV=p.BV, NK=p.NK, HAS_BETA=p.has_beta,
-                                             **p.switches(), **p.launch(kernel="o"))
+                                             DOT16=p.dot16, **p.switches(), **p.launch(kernel="o"))
         ctx.save_for_backward(q, k, v, g, beta, initial_state)
         ctx.plan = p
         if any(ctx.needs_input_grad):
@@ -1186,7 +1221,7 @@ def _backward(p: "_Plan", q, k, v, g, beta, do, Ai, h0, dht, dq, dk, dv, dg, db,
     _dh_bwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
         q, k, o["gc"], o["rn"], s["Mqk"], o["w"], do, _or(dht, x), dhs, dvn, _or(dh0, x), p.cu, p.coff,
         p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_DHT=dht is not None,
-        HAS_H0=h0 is not None, **p.switches(), **p.launch("_h", "dh"))
+        HAS_H0=h0 is not None, DOT16=p.dot16, **p.switches(), **p.launch("_h", "dh"))
     s["w"] = s["Mqk"] = o["w"] = o["Mqk"] = None  # read by the reverse pass only: free them early
     if not p.NT:
         for t in (dq, dk, dv, dg, db):

@@ -155,6 +155,19 @@ def test_per_channel_sub_chunks(algo, monkeypatch):
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)
+def test_bf16_products(algo):
+    """bf16 inputs take the bf16-operand products of the sequential and o kernels (`_Plan.dot16`);
+    against the fp64 reference. A wrong operand would be off by O(1); bf16 rounding alone (inputs,
+    outputs and the stored intermediates) gives up to 1.2e-2 here with those products in tf32 and 1.4e-2
+    with them in bf16 (dk of the delta rule), more than at the GPU tests' sizes (1e-2), whose sums are
+    longer."""
+    lens = [0, 45, 20]
+    cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0)
+    check(algo, 1, sum(lens), 2, 32, 16, 16, True, True, seed=13, cu_seqlens=cu, N=len(lens),
+          dtype=torch.bfloat16, tol=2e-2, metric="rms")
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
 def test_varlen_with_empty_and_short_segments(algo):
     lens = [0, 1, 17, 0, 33, 16, 2]
     cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0)

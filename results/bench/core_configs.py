@@ -19,8 +19,10 @@ from profile_layers import build  # noqa: E402
 
 VARIANTS = {  # the latest set timed: see core_configs.md for the earlier ones
     "default": {},
-    "3 groups (512 MB)": dict(WORKSPACE_BYTES=512 * 2 ** 20),
-    "one group": dict(WORKSPACE_BYTES=2 ** 40),
+    "tf32 products (no dot16)": dict(dot16=False),
+    "stages 2 for h": dict(stages_h=2),
+    "stages 2 for dh": dict(stages_dh=2),
+    "BV_dqk 32": dict(BV_dqk=32),
     "keep 768 MB": dict(KEEP_BYTES=768 * 2 ** 20),
 }
 DEFAULTS = {n: getattr(TC, n) for n in ("WORKSPACE_BYTES", "KEEP_BYTES")}
