@@ -918,6 +918,12 @@ def _config(K: int, V: int, chunk_size: int) -> dict:
         warps_dqk=4,
         warps_dqk_channel=8,
         stages=1,
+        # With bf16 operands (`_Plan.dot16`) the forward's sequential kernel is pipelined over 2 stages
+        # (the next chunk's loads in flight during this one's products): 11.95 against 12.78 ms for the
+        # MoM layer at B1 x T16384, 10.87 against 11.48 at B8 x T2048 (H100, core_configs.md). fp32
+        # operands take twice the shared memory, over the H100's limit at K=256; the reverse kernel does
+        # not fit with 2 stages either way, and the other kernels gained nothing measurable.
+        stages_h_dot16=2,
     )
     cfg.update(CONFIG_OVERRIDES)
     if triton.cdiv(K, cfg["BK"]) > 4:
@@ -1046,10 +1052,12 @@ class _Plan:
 
     def launch(self, which="", kernel=""):
         """num_warps of the kernel kind `which`; num_stages of the kernel named `kernel` (`stages_<kernel>`
-        in the config, else `stages`)."""
+        in the config, under DOT16 `stages_<kernel>_dot16` first, else `stages`)."""
         channel = "_channel" if self.decay == 2 and "warps" + which + "_channel" in self.cfg else ""
-        return dict(num_warps=self.cfg["warps" + which + channel],
-                    num_stages=self.cfg.get("stages_" + kernel, self.cfg["stages"]))
+        stages = self.cfg.get("stages_" + kernel, self.cfg["stages"])
+        if self.dot16:
+            stages = self.cfg.get(f"stages_{kernel}_dot16", stages)
+        return dict(num_warps=self.cfg["warps" + which + channel], num_stages=stages)
 
     def switches(self):
         return dict(DECAY=self.decay, DELTA=self.delta, NORM=self.norm, PREC=self.prec)
@@ -1171,7 +1179,7 @@ MIN_CHAINS = 32
 # length, not the work: with few long segments (B1 x T16384: 20 chains of up to 256 chunks) that pass
 # takes about a fifth of the MoM layer's time, and recomputing it costs as much again. At small sizes
 # (MQAR) keeping prep's output saves a launch and its work.
-KEEP_BYTES = 512 * 2 ** 20
+KEEP_BYTES = 768 * 2 ** 20
 SEQUENTIAL, PREP = ("hs", "vn"), ("gc", "rn", "Mqk", "Mkk", "w")
 
 

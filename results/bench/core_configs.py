@@ -19,11 +19,10 @@ from profile_layers import build  # noqa: E402
 
 VARIANTS = {  # the latest set timed: see core_configs.md for the earlier ones
     "default": {},
+    "stages 1 for h": dict(stages_h_dot16=1),
+    "stages 3 for h": dict(stages_h_dot16=3),
+    "keep 512 MB": dict(KEEP_BYTES=512 * 2 ** 20),
     "tf32 products (no dot16)": dict(dot16=False),
-    "stages 2 for h": dict(stages_h=2),
-    "stages 2 for dh": dict(stages_dh=2),
-    "BV_dqk 32": dict(BV_dqk=32),
-    "keep 768 MB": dict(KEEP_BYTES=768 * 2 ** 20),
 }
 DEFAULTS = {n: getattr(TC, n) for n in ("WORKSPACE_BYTES", "KEEP_BYTES")}
 
