@@ -50,6 +50,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.compiler import max_shared_mem
 
 from . import reference as _reference
 from .triton_env import interpreting
@@ -406,17 +407,19 @@ def _h_step(h, k, gc, f, offs, valid, t_last, i_h, col0, b_vn, eG, H: tl.constex
 
 
 @triton.jit
-def _h_fwd_kernel(k, v, beta, gc, rn, w, u, h0, hs, vn, ht, cu, coff,
+def _h_fwd_kernel(k, v, beta, gc, rn, w, u, h0, hs, vn, ht, cu, coff, order,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   NK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, HAS_BETA: tl.constexpr,
                   DELTA: tl.constexpr, NORM: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr,
                   DOT16: tl.constexpr):
-    """The sequential pass: per (segment, head, V block), the state at every chunk start and v_new.
+    """The sequential pass: per (segment, head, V block), the state at every chunk start and v_new; the
+    segments in `order` (see `_chunk_layout`).
 
     W h sums over every key row, so one program holds all of them, as NK <= 4 separate (BK, BV) tiles:
     each product then has a (BK, BT) operand that fits in registers (one (K, BT) operand spills at K=256)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
+    i_v, i_j = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = tl.load(order + i_j // H), i_j % H
+    i_nh = i_n * H + i_h
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
     c0 = tl.load(coff + i_n).to(tl.int64)
@@ -552,15 +555,32 @@ def _dh_step(dh, q, w, gc, fq, offs, valid, t_last, i_h, col0, b_do, b_dvn, eG, 
 
 
 @triton.jit
-def _dh_bwd_kernel(q, k, gc, rn, Mqk, w, do, dht, dhs, dvn, dh0, cu, coff, scale,
+def _dvn_intra_kernel(Mqk, do, dvn, cu, cidx, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                      BV: tl.constexpr, PREC: tl.constexpr):
+    """dv_new's share from inside each chunk, M^T do, into dvn: the reverse pass adds the share through the
+    state. Computed apart so that the reverse pass, bound by its chain of steps, loads one (BT, BV) tile
+    per step instead of M and do, and fits two pipeline stages in shared memory."""
+    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs, valid, t_last, live = _chunk_rows(cu, cidx, i_t, BT)
+    if not live:  # a chunk past the real count: nothing to do
+        return
+    M = _load_tile(Mqk + i_h * BT, offs, valid, 0, H * BT, BT, BT)
+    b_do = _load_tile(do + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
+    _store_tile(dvn + i_h * V, tl.dot(tl.trans(M), b_do, input_precision=PREC), offs, valid, i_v * BV, H * V, V, BV)
+
+
+@triton.jit
+def _dh_bwd_kernel(q, k, gc, rn, w, do, dht, dhs, dvn, dh0, cu, coff, order, scale,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    NK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, DELTA: tl.constexpr,
                    NORM: tl.constexpr, HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr,
                    DOT16: tl.constexpr):
-    """The reverse pass: per chunk, the gradient wrt the state at its end (dhs) and wrt v_new (dvn); the
-    state gradient held as NK <= 4 (BK, BV) tiles as in the forward pass."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
+    """The reverse pass: per chunk, the gradient wrt the state at its end (dhs) and wrt v_new (dvn, which
+    holds M^T do on entry); the state gradient held as NK <= 4 (BK, BV) tiles as in the forward pass, the
+    segments in `order`."""
+    i_v, i_j = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = tl.load(order + i_j // H), i_j % H
+    i_nh = i_n * H + i_h
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
     c0 = tl.load(coff + i_n).to(tl.int64)
@@ -607,8 +627,7 @@ def _dh_bwd_kernel(q, k, gc, rn, Mqk, w, do, dht, dhs, dvn, dh0, cu, coff, scale
         if DECAY < 2:
             x = x * fk[:, None]
         b_do = _load_tile(do + i_h * V, offs, valid, v0, H * V, V, BV)
-        M = _load_tile(Mqk + i_h * BT, offs, valid, 0, H * BT, BT, BT)
-        b_dvn = x + tl.dot(tl.trans(M), b_do, input_precision=PREC)
+        b_dvn = x + _load_tile(dvn + i_h * V, offs, valid, v0, H * V, V, BV)  # + M^T do (`_dvn_intra_kernel`)
         _store_tile(dvn + i_h * V, b_dvn, offs, valid, v0, H * V, V, BV)
         b_dvn = _lp(b_dvn, DOT16)
         if DECAY < 2:
@@ -918,12 +937,15 @@ def _config(K: int, V: int, chunk_size: int) -> dict:
         warps_dqk=4,
         warps_dqk_channel=8,
         stages=1,
-        # With bf16 operands (`_Plan.dot16`) the forward's sequential kernel is pipelined over 2 stages
-        # (the next chunk's loads in flight during this one's products): 11.95 against 12.78 ms for the
-        # MoM layer at B1 x T16384, 10.87 against 11.48 at B8 x T2048 (H100, core_configs.md). fp32
-        # operands take twice the shared memory, over the H100's limit at K=256; the reverse kernel does
-        # not fit with 2 stages either way, and the other kernels gained nothing measurable.
+        # With bf16 operands (`_Plan.dot16`) the sequential kernels are pipelined over 2 stages (the next
+        # chunk's loads in flight during this one's products): the MoM layer at B1 x T16384 took 10.31 ms
+        # per fwd+bwd against 11.59 with 1 stage for the reverse kernel and 12.36 with 1 for both; at
+        # B8 x T2048 10.42 against 10.88 and 11.54 (H100, core_configs.md). fp32 operands take twice the
+        # shared memory, over the H100's 227 KB at K = 256, and so do the per-channel decay's extra tiles
+        # in the reverse kernel. The other kernels gained nothing measurable from 2 stages.
         stages_h_dot16=2,
+        stages_dh_dot16=2,
+        stages_dh_dot16_channel=1,
     )
     cfg.update(CONFIG_OVERRIDES)
     if triton.cdiv(K, cfg["BK"]) > 4:
@@ -933,15 +955,20 @@ def _config(K: int, V: int, chunk_size: int) -> dict:
 
 
 @triton.jit
-def _chunk_layout_kernel(cu, cidx, coff, ok, N, NT, total, BT: tl.constexpr, BN: tl.constexpr,
+def _chunk_layout_kernel(cu, cidx, coff, order, ok, N, NT, total, BT: tl.constexpr, BN: tl.constexpr,
                          BC: tl.constexpr):
     """Chunks c of this program: their segment (the number of segments before the last whose chunks
-    end at or before c) and their index in it (c minus the chunks of those segments). Every program sums
-    the segments' chunk counts itself; program 0 also writes the segments' chunk offsets and checks cu."""
+    end at or before c) and their index in it (c minus the chunks of those segments). Segments s of this
+    program: their place in `order` (the segments with more chunks, or as many and before s, come first).
+    Every program sums the segments' chunk counts itself; program 0 also writes the segments' chunk
+    offsets and checks cu."""
     pid = tl.program_id(0)
     c = pid * BC + tl.arange(0, BC)
     seg = tl.zeros([BC], dtype=tl.int32)
     first = tl.zeros([BC], dtype=tl.int32)  # the chunk offset of that segment
+    s = c  # this program's segments, for the order
+    s_count = (tl.load(cu + s + 1, mask=s < N, other=0) - tl.load(cu + s, mask=s < N, other=0) + BT - 1) // BT
+    rank = tl.zeros([BC], dtype=tl.int32)
     carry = 0
     bad = 0
     for n0 in range(0, N, BN):
@@ -952,6 +979,9 @@ def _chunk_layout_kernel(cu, cidx, coff, ok, N, NT, total, BT: tl.constexpr, BN:
         done = (ends[None, :] <= c[:, None]) & (n < N - 1)[None, :]
         seg += tl.sum(done.to(tl.int32), 1)
         first += tl.sum(tl.where(done, count[None, :], 0), 1)
+        more, same = count[None, :] > s_count[:, None], count[None, :] == s_count[:, None]
+        ahead = (more | (same & (n[None, :] < s[:, None]))) & (n < N)[None, :]
+        rank += tl.sum(ahead.to(tl.int32), 1)
         if pid == 0:
             tl.store(coff + 1 + n, ends, mask=n < N)
             bad += tl.sum((lens < 0).to(tl.int32), 0)
@@ -959,16 +989,22 @@ def _chunk_layout_kernel(cu, cidx, coff, ok, N, NT, total, BT: tl.constexpr, BN:
     m = c < NT
     tl.store(cidx + 2 * c, seg, mask=m)
     tl.store(cidx + 2 * c + 1, c - first, mask=m)
+    tl.store(order + rank, s, mask=s < N)
     if pid == 0:
         tl.store(coff, 0)
         bad += (tl.load(cu) != 0).to(tl.int32) + (tl.load(cu + N) != total).to(tl.int32)
         tl.store(ok, bad == 0)
 
 
-def _chunk_layout(cu: Tensor, BT: int, total: int) -> Tuple[Tensor, Tensor, int]:
+def _chunk_layout(cu: Tensor, BT: int, total: int) -> Tuple[Tensor, Tensor, Tensor, int]:
     """For packed segments of `total` tokens: (chunk index (NT, 2) int32 of (segment, chunk in segment),
-    chunk offset of every segment (N + 1) int32, NT). Also checks on the device that cu rises from 0 to
-    total (an asynchronous assert).
+    chunk offset of every segment (N + 1) int32, the segments from most chunks to fewest (N) int32, NT).
+    Also checks on the device that cu rises from 0 to total (an asynchronous assert).
+
+    The sequential kernels take their segments in that order, the longest chains first: when their
+    programs do not all fit on the GPU at once, the short chains then fill in behind the long ones rather
+    than delaying them (MoM at B1 x T16384: the shared memory's 256-chunk chains against the routed
+    memories' 128; 9.70 against 10.31 ms per fwd+bwd on an H100, results/bench/core_configs.md).
 
     One launch, with no host sync (a sync per call would stall the stream, and the MoM layer is bound by
     the host's enqueue at small sizes). NT is therefore the bound cdiv(total, BT) + N rather than the count:
@@ -977,11 +1013,22 @@ def _chunk_layout(cu: Tensor, BT: int, total: int) -> Tuple[Tensor, Tensor, int]
     NT = triton.cdiv(total, BT) + N
     cidx = torch.empty(NT, 2, device=cu.device, dtype=torch.int32)
     coff = torch.empty(N + 1, device=cu.device, dtype=torch.int32)
+    order = torch.empty(N, device=cu.device, dtype=torch.int32)
     ok = torch.empty((), device=cu.device, dtype=torch.bool)
     BC = 128
-    _chunk_layout_kernel[(max(triton.cdiv(NT, BC), 1),)](cu, cidx, coff, ok, N, NT, total, BT=BT, BN=256, BC=BC)
+    _chunk_layout_kernel[(max(triton.cdiv(NT, BC), 1),)](cu, cidx, coff, order, ok, N, NT, total, BT=BT, BN=256,
+                                                         BC=BC)
     torch._assert_async(ok, f"cu_seqlens must rise from 0 to T={total}")
-    return cidx, coff, NT
+    return cidx, coff, order, NT
+
+
+# The pipelined sequential kernels need up to 226 KB of shared memory per program at K = 256 (BT = 64):
+# what a Hopper GPU (227 KB) has, an A100 (163 KB) not.
+PIPELINE_SHARED_MEM = 227 * 1024
+
+
+def _max_shared_mem(device) -> int:
+    return max_shared_mem(device.index) if device.type == "cuda" else 0
 
 
 class _Plan:
@@ -1041,7 +1088,7 @@ class _Plan:
 
     def _layout(self, cu: Tensor, B: int, T: int) -> None:
         self.cu, self.B, self.T, self.N = cu, B, T, len(cu) - 1
-        self.cidx, self.coff, self.NT = _chunk_layout(cu, self.BT, B * T)
+        self.cidx, self.coff, self.order, self.NT = _chunk_layout(cu, self.BT, B * T)
 
     def group(self, s0: int, s1: int, t0: int, t1: int) -> "_Plan":
         """The plan of segments s0..s1-1, which hold tokens t0..t1-1, as one packed batch of their own."""
@@ -1052,11 +1099,13 @@ class _Plan:
 
     def launch(self, which="", kernel=""):
         """num_warps of the kernel kind `which`; num_stages of the kernel named `kernel` (`stages_<kernel>`
-        in the config, under DOT16 `stages_<kernel>_dot16` first, else `stages`)."""
+        in the config, else `stages`; under DOT16, on a GPU with Hopper's shared memory,
+        `stages_<kernel>_dot16`, or `stages_<kernel>_dot16_channel` for a per-channel decay, first)."""
         channel = "_channel" if self.decay == 2 and "warps" + which + "_channel" in self.cfg else ""
         stages = self.cfg.get("stages_" + kernel, self.cfg["stages"])
-        if self.dot16:
-            stages = self.cfg.get(f"stages_{kernel}_dot16", stages)
+        if self.dot16 and _max_shared_mem(self.cu.device) >= PIPELINE_SHARED_MEM:
+            key = f"stages_{kernel}_dot16"
+            stages = self.cfg.get(key + ("_channel" if self.decay == 2 else ""), self.cfg.get(key, stages))
         return dict(num_warps=self.cfg["warps" + which + channel], num_stages=stages)
 
     def switches(self):
@@ -1098,8 +1147,8 @@ def _forward_states(p: _Plan, q, k, v, g, beta, h0, Ai=None, kept=None) -> dict:
     o = {n: _or(t, x) for n, t in s.items()}
     _h_fwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
         k, v, _or(beta, x), o["gc"], o["rn"], o["w"], o["u"], _or(h0, x), s["hs"], o["vn"], s["ht"], p.cu,
-        p.coff, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_BETA=p.has_beta, HAS_H0=h0 is not None,
-        DOT16=p.dot16, **p.switches(), **p.launch("_h", "h"))
+        p.coff, p.order, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_BETA=p.has_beta,
+        HAS_H0=h0 is not None, DOT16=p.dot16, **p.switches(), **p.launch("_h", "h"))
     s["u"] = None  # read by the sequential pass only
     return s
 
@@ -1226,9 +1275,12 @@ def _backward(p: "_Plan", q, k, v, g, beta, do, Ai, h0, dht, dq, dk, dv, dg, db,
     o = {n: _or(t, x) for n, t in s.items()}
     dhs = torch.empty_like(s["hs"])
     dvn = torch.empty(TT, H, V, device=dev, dtype=p.work)
+    if p.NT:
+        _dvn_intra_kernel[(p.NV, p.NT, H)](s["Mqk"], do, dvn, p.cu, p.cidx, H=H, V=V, BT=BT, BV=p.BV, PREC=p.prec,
+                                           **p.launch(kernel="dvn"))
     _dh_bwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
-        q, k, o["gc"], o["rn"], s["Mqk"], o["w"], do, _or(dht, x), dhs, dvn, _or(dh0, x), p.cu, p.coff,
-        p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_DHT=dht is not None,
+        q, k, o["gc"], o["rn"], o["w"], do, _or(dht, x), dhs, dvn, _or(dh0, x), p.cu, p.coff,
+        p.order, p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_DHT=dht is not None,
         HAS_H0=h0 is not None, DOT16=p.dot16, **p.switches(), **p.launch("_h", "dh"))
     s["w"] = s["Mqk"] = o["w"] = o["Mqk"] = None  # read by the reverse pass only: free them early
     if not p.NT:

@@ -238,15 +238,18 @@ def test_backward_groups_at_benchmark_shapes(tokens, segments, H, K, groups):
     assert len(TC._groups(plan)) == groups
 
 
-@pytest.mark.parametrize("lens", [[5], [64, 0, 1, 130, 0], list(range(0, 700, 3)), [], [0, 0]],
-                         ids=["one", "empty_and_partial", "many_blocks", "no_segments", "all_empty"])
+@pytest.mark.parametrize("lens", [[5], [64, 0, 1, 130, 0], list(range(0, 700, 3)), [(n * 37) % 50 for n in range(300)],
+                                  [], [0, 0]],
+                         ids=["one", "empty_and_partial", "many_blocks", "ties", "no_segments", "all_empty"])
 def test_chunk_layout(lens):
-    """Every chunk's (segment, chunk in segment) and every segment's chunk offset, against a loop; the
-    chunks past the real ones point past the last segment's end. 234 segments of up to 699 tokens take
-    several segment blocks and chunk programs."""
+    """Every chunk's (segment, chunk in segment), every segment's chunk offset and the order of the
+    segments (most chunks first, ties in segment order), against a loop; the chunks past the real ones
+    point past the last segment's end. 234 segments of up to 699 tokens take several segment blocks and
+    chunk programs; 300 segments with many equal chunk counts take two blocks of the order's comparisons."""
     BT = 16
     cu = F.pad(torch.tensor(lens, dtype=torch.long).cumsum(0), (1, 0)).to(DEVICE, torch.int32)
-    cidx, coff, NT = TC._chunk_layout(cu, BT, sum(lens))
+    cidx, coff, order, NT = TC._chunk_layout(cu, BT, sum(lens))
+    assert order.tolist() == sorted(range(len(lens)), key=lambda n: (-((lens[n] + BT - 1) // BT), n))
     want, offsets = [], [0]
     for n, length in enumerate(lens):
         want += [(n, c) for c in range(-(-length // BT))]

@@ -19,10 +19,9 @@ from profile_layers import build  # noqa: E402
 
 VARIANTS = {  # the latest set timed: see core_configs.md for the earlier ones
     "default": {},
-    "stages 1 for h": dict(stages_h_dot16=1),
+    "stages 1 for dh": dict(stages_dh_dot16=1),
+    "stages 1 for h and dh": dict(stages_h_dot16=1, stages_dh_dot16=1),
     "stages 3 for h": dict(stages_h_dot16=3),
-    "keep 512 MB": dict(KEEP_BYTES=512 * 2 ** 20),
-    "tf32 products (no dot16)": dict(dot16=False),
 }
 DEFAULTS = {n: getattr(TC, n) for n in ("WORKSPACE_BYTES", "KEEP_BYTES")}
 
