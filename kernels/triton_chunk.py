@@ -558,8 +558,8 @@ def _dh_step(dh, q, w, gc, fq, offs, valid, t_last, i_h, col0, b_do, b_dvn, eG, 
 def _dvn_intra_kernel(Mqk, do, dvn, cu, cidx, H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                       BV: tl.constexpr, PREC: tl.constexpr):
     """dv_new's share from inside each chunk, M^T do, into dvn: the reverse pass adds the share through the
-    state. Computed apart so that the reverse pass, bound by its chain of steps, loads one (BT, BV) tile
-    per step instead of M and do, and fits two pipeline stages in shared memory."""
+    state. Computed apart so that the reverse pass, bound by its chain of steps, loads a (BT, BV) bf16 tile
+    per step instead of M (BT x BT, fp32), and fits two pipeline stages in shared memory."""
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs, valid, t_last, live = _chunk_rows(cu, cidx, i_t, BT)
     if not live:  # a chunk past the real count: nothing to do
@@ -1057,10 +1057,11 @@ class _Plan:
         # takes minutes to compile); 16-bit inputs: one-pass tf32 on fp32 operands, except where DOT16.
         self.prec = "tf32x3" if all(x.dtype == torch.float32 for x in (q, k, v)) else "tf32"
         # bf16 inputs (DOT16): the two sequential kernels and the o kernel multiply on bf16 operands, with
-        # fp32 accumulation. Their inputs and W are bf16 arrays already (exact); the running state and
-        # v_new (or their gradients) are rounded to bf16 as they are stored for the other kernels anyway.
-        # That takes half the shared memory and tensor-core issue of tf32: the sequential passes, bound by
-        # their chain of steps, took 16-18% less at the MoM benchmark shapes (results/bench/run26.md).
+        # fp32 accumulation. Their inputs and W are bf16 arrays already (exact, unless a per-channel decay
+        # scales them); the running state and v_new (or their gradients) are rounded to bf16 as they are
+        # stored for the other kernels anyway. That takes half the shared memory and tensor-core issue of
+        # tf32: the sequential passes, bound by their chain of steps, took 17-18% less at the MoM layer's
+        # B1 x T16384 (results/bench/README.md, seventh session).
         # M stays tf32 (computed in fp32), and so do the other kernels: the dq/dk kernel, short of
         # registers, spilled more and was slower on bf16 operands.
         self.dot16 = all(x.dtype == torch.bfloat16 for x in (q, k, v)) and cfg.get("dot16", True)
