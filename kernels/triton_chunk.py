@@ -45,12 +45,12 @@ sub-chunk at a time, exact (`_pair_channel`).
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
-from triton.compiler.compiler import max_shared_mem
 
 from . import reference as _reference
 from .triton_env import interpreting
@@ -1027,8 +1027,12 @@ def _chunk_layout(cu: Tensor, BT: int, total: int) -> Tuple[Tensor, Tensor, Tens
 PIPELINE_SHARED_MEM = 227 * 1024
 
 
+@functools.lru_cache(maxsize=None)
 def _max_shared_mem(device) -> int:
-    return max_shared_mem(device.index) if device.type == "cuda" else 0
+    """Shared memory per program on `device` in bytes (0 off CUDA or under the interpreter)."""
+    if device.type != "cuda" or INTERPRET:
+        return 0
+    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
 
 
 class _Plan:

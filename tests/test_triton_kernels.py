@@ -167,6 +167,24 @@ def test_bf16_products(algo):
           dtype=torch.bfloat16, tol=2e-2, metric="rms")
 
 
+def test_pipeline_stages_by_operands_and_shared_memory(monkeypatch):
+    """2 stages for the sequential kernels only with bf16 operands, on a GPU with Hopper's shared memory,
+    and not for the per-channel decay's reverse kernel (it does not fit there); 1 for everything else."""
+    def stages(dtype, decay, smem, kernel):
+        monkeypatch.setattr(TC, "_max_shared_mem", lambda device: smem)
+        q = torch.zeros(1, 16, 1, 256, dtype=dtype, device=DEVICE)
+        g = {None: None, "scalar": torch.zeros(1, 16, 1), "channel": torch.zeros(1, 16, 1, 256)}[decay]
+        p = TC._Plan(q, q, q, g, None, True, None, None, False, 64)
+        return p.launch("_h", kernel)["num_stages"]
+    hopper, a100 = 227 * 1024, 163 * 1024
+    assert [stages(torch.bfloat16, "scalar", hopper, k) for k in ("h", "dh", "o", "dqk")] == [2, 2, 1, 1]
+    assert [stages(torch.bfloat16, "channel", hopper, k) for k in ("h", "dh")] == [2, 1]
+    assert [stages(torch.bfloat16, None, hopper, k) for k in ("h", "dh")] == [2, 2]
+    assert [stages(torch.float32, "scalar", hopper, k) for k in ("h", "dh")] == [1, 1]
+    assert [stages(torch.float16, "scalar", hopper, k) for k in ("h", "dh")] == [1, 1]
+    assert [stages(torch.bfloat16, "scalar", a100, k) for k in ("h", "dh")] == [1, 1]
+
+
 @pytest.mark.parametrize("algo", ALGORITHMS)
 def test_varlen_with_empty_and_short_segments(algo):
     lens = [0, 1, 17, 0, 33, 16, 2]
