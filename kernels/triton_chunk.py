@@ -1232,7 +1232,8 @@ MIN_CHAINS = 32
 # chunk states and v_new. Those are the sequential pass's output, whose run time is set by the chain
 # length, not the work: with few long segments (B1 x T16384: 20 chains of up to 256 chunks) that pass
 # takes about a fifth of the MoM layer's time, and recomputing it costs as much again. At small sizes
-# (MQAR) keeping prep's output saves a launch and its work.
+# (MQAR) keeping prep's output saves a launch and its work. 768 MB keeps all of it at B1 x T16384 too:
+# 0.26-0.30 ms less than 512 MB for 97 MB more (H100, results/bench/core_configs.md).
 KEEP_BYTES = 768 * 2 ** 20
 SEQUENTIAL, PREP = ("hs", "vn"), ("gc", "rn", "Mqk", "Mkk", "w")
 
