@@ -1004,7 +1004,8 @@ def _chunk_layout(cu: Tensor, BT: int, total: int) -> Tuple[Tensor, Tensor, Tens
     The sequential kernels take their segments in that order, the longest chains first: when their
     programs do not all fit on the GPU at once, the short chains then fill in behind the long ones rather
     than delaying them (MoM at B1 x T16384: the shared memory's 256-chunk chains against the routed
-    memories' 128; 9.70 against 10.31 ms per fwd+bwd on an H100, results/bench/core_configs.md).
+    memories' 128; 9.70 against 10.31 ms per fwd+bwd on an H100 with the order from a host argsort,
+    results/bench/core_configs.md).
 
     One launch, with no host sync (a sync per call would stall the stream, and the MoM layer is bound by
     the host's enqueue at small sizes). NT is therefore the bound cdiv(total, BT) + N rather than the count:
@@ -1288,7 +1289,7 @@ def _backward(p: "_Plan", q, k, v, g, beta, do, Ai, h0, dht, dq, dk, dv, dg, db,
         q, k, o["gc"], o["rn"], o["w"], do, _or(dht, x), dhs, dvn, _or(dh0, x), p.cu, p.coff,
         p.order, p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_DHT=dht is not None,
         HAS_H0=h0 is not None, DOT16=p.dot16, **p.switches(), **p.launch("_h", "dh"))
-    s["w"] = s["Mqk"] = o["w"] = o["Mqk"] = None  # read by the reverse pass only: free them early
+    s["w"] = s["Mqk"] = o["w"] = o["Mqk"] = None  # read by the intra-chunk dv and reverse passes only: free early
     if not p.NT:
         for t in (dq, dk, dv, dg, db):
             if t is not None:
