@@ -29,8 +29,8 @@ and h the state at the chunk start:
             dqk   per chunk, one K block at a time: dq, dk, the rest of dbeta, and dg (the reverse cumsum
                   inside the chunk of q dq - k dk over every e^{+-G} factor)
 
-The backward recomputes prep (but A, kept from the forward) and h from the inputs. Where that
-workspace would be large, it runs over groups of whole segments in turn (`_groups`).
+The backward recomputes what the forward did not keep of prep's output and h (A is always kept; see
+`_keep`). Where its workspace would be large, it runs over groups of whole segments in turn (`_groups`).
 All accumulation is fp32; G, norms, M, A and the gradients wrt M and L are stored in fp32, the states,
 W, U, v_new and their gradients in bf16 for 16-bit inputs and fp32 otherwise; outputs take the dtype of
 v (o), of the inputs (gradients) and fp32 (states). Dots take fp32 operands (three-pass tf32 for fp32
@@ -410,10 +410,11 @@ def _h_step(h, k, gc, f, offs, valid, t_last, i_h, col0, b_vn, eG, H: tl.constex
 def _h_fwd_kernel(k, v, beta, gc, rn, w, u, h0, hs, vn, ht, cu, coff, order,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   NK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, HAS_BETA: tl.constexpr,
-                  DELTA: tl.constexpr, NORM: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr,
-                  DOT16: tl.constexpr):
-    """The sequential pass: per (segment, head, V block), the state at every chunk start and v_new; the
-    segments in `order` (see `_chunk_layout`).
+                  DELTA: tl.constexpr, NORM: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+                  PREC: tl.constexpr, DOT16: tl.constexpr):
+    """The sequential pass: per (segment, head, V block), the state at every chunk start and v_new, and
+    under STORE_HT the final state; the segments in `order` (see `_chunk_layout`). Given v_new as v (with
+    DELTA and HAS_BETA off) it makes the same states from it, with no W h on the chain of steps.
 
     W h sums over every key row, so one program holds all of them, as NK <= 4 separate (BK, BV) tiles:
     each product then has a (BK, BT) operand that fits in registers (one (K, BT) operand spills at K=256)."""
@@ -476,13 +477,14 @@ def _h_fwd_kernel(k, v, beta, gc, rn, w, u, h0, hs, vn, ht, cu, coff, order,
             h3 = _h_step(h3, k, gc, f, offs, valid, t_last, i_h, 2 * BK, b_vn, eG, H, K, BK, DECAY, PREC, DOT16)
         if NK > 3:
             h4 = _h_step(h4, k, gc, f, offs, valid, t_last, i_h, 3 * BK, b_vn, eG, H, K, BK, DECAY, PREC, DOT16)
-    _store_state(ht, h1, base, 0, v0, K, V, BK, BV)
-    if NK > 1:
-        _store_state(ht, h2, base, BK, v0, K, V, BK, BV)
-    if NK > 2:
-        _store_state(ht, h3, base, 2 * BK, v0, K, V, BK, BV)
-    if NK > 3:
-        _store_state(ht, h4, base, 3 * BK, v0, K, V, BK, BV)
+    if STORE_HT:
+        _store_state(ht, h1, base, 0, v0, K, V, BK, BV)
+        if NK > 1:
+            _store_state(ht, h2, base, BK, v0, K, V, BK, BV)
+        if NK > 2:
+            _store_state(ht, h3, base, 2 * BK, v0, K, V, BK, BV)
+        if NK > 3:
+            _store_state(ht, h4, base, 3 * BK, v0, K, V, BK, BV)
 
 
 @triton.jit
@@ -1122,39 +1124,48 @@ class _Plan:
         return None if x is None else x.reshape((self.B * self.T,) + tuple(x.shape[2:])).contiguous()
 
 
-def _forward_states(p: _Plan, q, k, v, g, beta, h0, Ai=None, kept=None) -> dict:
+def _forward_states(p: _Plan, q, k, v, g, beta, h0, Ai=None, kept=None, final=True) -> dict:
     """prep and the sequential pass: G (gc), row norms (rn), M and pair_strict(k, k) per chunk row (Mqk,
     Mkk), A (Ai; taken as given if passed: the backward reuses the forward's), W, U, the state at every
-    chunk start (hs), v_new (vn), the final state (ht). With `kept` (the forward's; see `_keep`), what it
-    holds is not computed again."""
-    if kept is not None and "Mqk" in kept:
-        return dict(kept, Ai=Ai)
+    chunk start (hs), v_new (vn), and with `final` the final state (ht). What `kept` holds (the
+    forward's; see `_keep`) is not computed again: given prep's output and v_new, the sequential pass
+    only forms the states from v_new."""
+    kept = kept or {}
+    s = dict(kept, Ai=Ai)
     TT, H, K, V, BT = p.B * p.T, p.H, p.K, p.V, p.BT
     dev, f32 = k.device, torch.float32
     new = lambda *shape: torch.empty(*shape, device=dev, dtype=f32)
     work = lambda *shape: torch.empty(*shape, device=dev, dtype=p.work)
-    seq = p.delta and kept is None  # U is read by the sequential pass only
-    s = dict(gc=(new(TT, H, K) if p.decay == 2 else new(TT, H)) if p.decay else None,
-             rn=new(TT, H, 2) if p.norm else None, Mqk=new(TT, H, BT),
-             Mkk=new(TT, H, BT) if p.delta else None,
-             Ai=(new(TT, H, BT) if Ai is None else Ai) if p.delta else None,
-             w=work(TT, H, K) if p.delta else None, u=work(TT, H, V) if seq else None)
     x = k  # stands in for pointers a switch leaves unused
-    o = {n: _or(t, x) for n, t in s.items()}
-    if p.NT:
-        _prep_kernel[(p.NT, H)](q, k, v, _or(g, x), _or(beta, x), o["gc"], o["rn"], o["Mqk"], o["Mkk"], o["Ai"],
-                                o["w"], o["u"], p.cu, p.cidx, p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK, BV=p.BV,
-                                BC=p.BC, NK=p.NK, NV=p.NV, HAS_BETA=p.has_beta, HAVE_A=Ai is not None,
-                                WANT_U=seq, **p.switches(), **p.launch("_prep", "prep"))
-    if kept is not None:
-        s.update(kept)
+    sequential = "hs" not in kept
+    from_vn = sequential and p.delta and "vn" in kept
+    if any(n not in kept for n in PREP):
+        want_u = sequential and p.delta and not from_vn  # U is read by the sequential pass only
+        s.update(gc=(new(TT, H, K) if p.decay == 2 else new(TT, H)) if p.decay else None,
+                 rn=new(TT, H, 2) if p.norm else None, Mqk=new(TT, H, BT),
+                 Mkk=new(TT, H, BT) if p.delta else None,
+                 Ai=(new(TT, H, BT) if Ai is None else Ai) if p.delta else None,
+                 w=work(TT, H, K) if p.delta else None, u=work(TT, H, V) if want_u else None)
+        o = {n: _or(t, x) for n, t in s.items()}
+        if p.NT:
+            _prep_kernel[(p.NT, H)](q, k, v, _or(g, x), _or(beta, x), o["gc"], o["rn"], o["Mqk"], o["Mkk"],
+                                    o["Ai"], o["w"], o["u"], p.cu, p.cidx, p.scale, H=H, K=K, V=V, BT=BT,
+                                    BK=p.BK, BV=p.BV, BC=p.BC, NK=p.NK, NV=p.NV, HAS_BETA=p.has_beta,
+                                    HAVE_A=Ai is not None, WANT_U=want_u, **p.switches(),
+                                    **p.launch("_prep", "prep"))
+    if not sequential:
         return s
-    s.update(hs=work(p.NT, H, K, V), vn=work(TT, H, V) if p.delta else None, ht=new(p.N, H, K, V))
+    s.update(hs=work(p.NT, H, K, V), ht=new(p.N, H, K, V) if final else None)
+    if not from_vn:
+        s["vn"] = work(TT, H, V) if p.delta else None
     o = {n: _or(t, x) for n, t in s.items()}
+    # From v_new the pass is the plain one (no delta rule, beta already applied): v_new for v.
+    switches = dict(p.switches(), DELTA=False) if from_vn else p.switches()
     _h_fwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
-        k, v, _or(beta, x), o["gc"], o["rn"], o["w"], o["u"], _or(h0, x), s["hs"], o["vn"], s["ht"], p.cu,
-        p.coff, p.order, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_BETA=p.has_beta,
-        HAS_H0=h0 is not None, DOT16=p.dot16, **p.switches(), **p.launch("_h", "h"))
+        k, s["vn"] if from_vn else v, x if from_vn else _or(beta, x), o["gc"], o["rn"], o["w"], o.get("u", x),
+        _or(h0, x), s["hs"], o["vn"], o["ht"], p.cu, p.coff, p.order, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK,
+        BV=p.BV_h, HAS_BETA=p.has_beta and not from_vn, HAS_H0=h0 is not None, STORE_HT=final,
+        DOT16=p.dot16, **switches, **p.launch("_h", "h"))
     s["u"] = None  # read by the sequential pass only
     return s
 
@@ -1168,6 +1179,9 @@ class ChunkMemoryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, cu_seqlens, scale, delta, normalize_qk, chunk_size):
         p = _Plan(q, k, v, g, beta, delta, scale, cu_seqlens, normalize_qk, chunk_size)
+        grouped = any(ctx.needs_input_grad) and _group_count(p) > 1
+        if grouped:  # before this call's kernels in the stream: the copy is done when the backward reads it
+            p.copy_cu_to_host()
         fq, fk, fv, fg, fb = (p.flat(x) for x in (q, k, v, g, beta))
         h0 = None if initial_state is None else initial_state.contiguous()
         s = _forward_states(p, fq, fk, fv, fg, fb, h0)
@@ -1185,10 +1199,7 @@ class ChunkMemoryFunction(torch.autograd.Function):
             # head dim 64): always kept. The other intermediates are kept within KEEP_BYTES (`_keep`),
             # else recomputed by the backward.
             ctx.Ai = s["Ai"]
-            grouped = _group_count(p) > 1
-            ctx.kept = None if grouped else _keep(s)
-            if grouped:
-                p.copy_cu_to_host()
+            ctx.kept = _keep(s, grouped)
         ctx.set_materialize_grads(False)  # an unused final state comes back as None: skip its gradient
         return o.view(v.shape), s["ht"]
 
@@ -1208,7 +1219,7 @@ class ChunkMemoryFunction(torch.autograd.Function):
         cut = lambda d, lo, hi: {n: None if t is None else t[lo:hi] for n, t in d.items()}
         for sp, (s0, s1, t0, t1) in _groups(p):  # each group's tokens and states are row slices: views
             _backward(sp, **cut(ins, t0, t1), **cut(states, s0, s1), **cut(grads, t0, t1), **cut(dstates, s0, s1),
-                      kept=ctx.kept)
+                      kept=cut(ctx.kept, t0, t1) if ctx.kept and sp is not p else ctx.kept)
         dh0 = dstates["dh0"]
         shaped = [None if t is None else grads[n].view(t.shape) for n, t in
                   zip(("dq", "dk", "dv", "dg", "db"), (q, k, v, g, beta))]
@@ -1221,27 +1232,32 @@ class ChunkMemoryFunction(torch.autograd.Function):
 # WORKSPACE_BYTES the backward runs over groups of whole segments, one after another, so that only one
 # group's workspace is alive; but into no more groups than keep MIN_CHAINS (segment, head) chains each on
 # average, which the sequential kernels run in parallel (fewer would leave the GPU idle). Groups are planned
-# on the host; cu_seqlens on the GPU are copied to it during the forward, without waiting for the GPU.
-# Each group's sequential passes take about as long as one over every segment (their time is the chain
-# length, not the work), so fewer groups are faster: at 768 MB the MoM layer at B8 x T2048 runs in 2 groups
-# (12.95 ms, peak 1781 MB on an H100), where 512 MB made 3 (13.70 ms, 1616 MB) and one group would peak at
-# 2347 MB, above flash-linear-attention's 1992 (results/bench/core_configs.md).
+# on the host: cu_seqlens on the GPU are copied to it from the start of the forward, and the backward
+# waits for that copy (the one host sync of a call that runs in groups).
+# Fewer groups are faster: at 768 MB the MoM layer at B8 x T2048 runs in 2 groups (9.75 ms, peak 1951 MB
+# on an H100, with the rows kept as below), where 512 MB made 3 (10.08 ms, 1818 MB) and one group would
+# peak near 2450 MB, above flash-linear-attention's 1991 (results/bench/core_configs.md, eighth session).
 WORKSPACE_BYTES = 768 * 2 ** 20
 MIN_CHAINS = 32
-# When the backward runs as one group, the forward keeps what the backward would recompute, within
-# KEEP_BYTES: all of it if it fits (then the backward runs neither prep nor the sequential pass), else the
+# The forward keeps, within KEEP_BYTES, what the backward would recompute. When the backward runs as one
+# group: all of it if it fits (then the backward runs neither prep nor the sequential pass), else the
 # chunk states and v_new. Those are the sequential pass's output, whose run time is set by the chain
 # length, not the work: with few long segments (B1 x T16384: 20 chains of up to 256 chunks) that pass
 # takes about a fifth of the MoM layer's time, and recomputing it costs as much again. At small sizes
 # (MQAR) keeping prep's output saves a launch and its work. 768 MB keeps all of it at B1 x T16384 too:
 # 0.26-0.30 ms less than 512 MB for 97 MB more (H100, results/bench/core_configs.md).
+# In groups, the chunk states (the bulk of a group's workspace) are not kept, but prep's output and v_new
+# are: arrays of token rows, of which each group reads its slice. A group then runs only the sequential
+# pass, and that from v_new, which takes W h off its chain of steps. At B8 x T2048: 10.5 -> 9.75 ms, peak
+# 1757 -> 1951 MB (those rows stay alive through both groups; H100, eighth session).
 KEEP_BYTES = 768 * 2 ** 20
 SEQUENTIAL, PREP = ("hs", "vn"), ("gc", "rn", "Mqk", "Mkk", "w")
+ROWS = PREP + ("vn",)  # arrays of token rows, of which a group of segments reads a row slice
 
 
-def _keep(s: dict) -> Optional[dict]:
-    """What a one-group backward takes from the forward's intermediates s instead of recomputing it."""
-    for names in (SEQUENTIAL + PREP, SEQUENTIAL):
+def _keep(s: dict, grouped: bool) -> Optional[dict]:
+    """What the backward takes from the forward's intermediates s instead of recomputing it."""
+    for names in ((ROWS,) if grouped else (SEQUENTIAL + PREP, SEQUENTIAL)):
         kept = {n: s[n] for n in names}
         if sum(t.numel() * t.element_size() for t in kept.values() if t is not None) <= KEEP_BYTES:
             return kept
@@ -1273,9 +1289,9 @@ def _groups(p: "_Plan"):
 
 
 def _backward(p: "_Plan", q, k, v, g, beta, do, Ai, h0, dht, dq, dk, dv, dg, db, dh0, kept=None) -> None:
-    """The gradients of the packed segments of plan p, written into dq, dk, dv, dg, db, dh0; `kept`: the
-    forward's chunk states and v_new, when it kept them (then p covers every segment)."""
-    s = _forward_states(p, q, k, v, g, beta, h0, Ai, kept)
+    """The gradients of the packed segments of plan p, written into dq, dk, dv, dg, db, dh0; `kept`: what
+    the forward kept of its intermediates (`_keep`), these segments' share."""
+    s = _forward_states(p, q, k, v, g, beta, h0, Ai, kept, final=False)
     TT, H, K, V, BT = p.B * p.T, p.H, p.K, p.V, p.BT
     dev, f32 = v.device, torch.float32
     x = k  # stands in for pointers a switch leaves unused

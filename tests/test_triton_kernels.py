@@ -206,40 +206,49 @@ def test_backward_in_segment_groups(algo, monkeypatch):
     assert [bounds for _, bounds in seen[0]] == [(0, 3, 0, 18), (3, 5, 18, 51), (5, 6, 51, 67), (6, 7, 67, 69)]
 
 
-@pytest.mark.parametrize("keep", ["all", "states", "none"])
+@pytest.mark.parametrize("keep", ["all", "states", "none", "rows", "groups_none"])
 @pytest.mark.parametrize("algo", ALGORITHMS)
 def test_backward_keeps_or_recomputes(algo, keep, monkeypatch):
-    """Within KEEP_BYTES the backward reads what the forward kept instead of recomputing it: everything
-    (no second prep or sequential launch), or only the chunk states and v_new when just they fit (a
-    second prep launch), or nothing with a budget of 0 (both again, in one group). The gradients match
-    the reference every way, with empty segments and an initial state."""
-    if keep == "none":
+    """Within KEEP_BYTES the backward reads what the forward kept instead of recomputing it. In one group:
+    everything (no second prep or sequential launch), or only the chunk states and v_new when just they
+    fit (a second prep launch), or nothing with a budget of 0 (both again). In groups ("rows", here 2):
+    prep's output and v_new, so each group runs only the sequential pass, which under the delta rule forms
+    the states from v_new (no delta rule in that launch); or nothing ("groups_none": both per group). The
+    gradients match the reference every way, with empty segments and an initial state."""
+    if keep in ("rows", "groups_none"):
+        monkeypatch.setattr(TC, "WORKSPACE_BYTES", 1)
+        monkeypatch.setattr(TC, "MIN_CHAINS", 1)
+    if keep in ("none", "groups_none"):
         monkeypatch.setattr(TC, "KEEP_BYTES", 0)
     if keep == "states":  # a budget of exactly the states and v_new
         real_keep = TC._keep
 
-        def keep_states(s):
+        def keep_states(s, grouped):
             nbytes = [s[n].numel() * s[n].element_size() for n in TC.SEQUENTIAL if s[n] is not None]
             monkeypatch.setattr(TC, "KEEP_BYTES", sum(nbytes))
-            return real_keep(s)
+            return real_keep(s, grouped)
 
         monkeypatch.setattr(TC, "_keep", keep_states)
-    launches = {"_prep_kernel": 0, "_h_fwd_kernel": 0}
+    launches = {"_prep_kernel": [], "_h_fwd_kernel": []}
 
     def counted(name, kernel):
         class Counted:
             def __getitem__(self, grid):
-                launches[name] += 1
-                return kernel[grid]
+                def launch(*args, **kw):
+                    launches[name].append(kw["DELTA"])
+                    return kernel[grid](*args, **kw)
+                return launch
         return Counted()
 
     for name in launches:
         monkeypatch.setattr(TC, name, counted(name, getattr(TC, name)))
     lens = [0, 1, 17, 0, 33]
     cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0)
-    check(algo, 1, sum(lens), 1, 16, 32, 16, True, ALGORITHMS[algo][2], seed=13, cu_seqlens=cu, N=len(lens))
-    prep, sequential = dict(all=(1, 1), states=(2, 1), none=(2, 2))[keep]
-    assert launches == {"_prep_kernel": prep, "_h_fwd_kernel": sequential}
+    delta = ALGORITHMS[algo][2]
+    check(algo, 1, sum(lens), 1, 16, 32, 16, True, delta, seed=13, cu_seqlens=cu, N=len(lens))
+    prep, sequential = dict(all=(1, 1), states=(2, 1), none=(2, 2), rows=(1, 3), groups_none=(3, 3))[keep]
+    assert len(launches["_prep_kernel"]) == prep
+    assert launches["_h_fwd_kernel"] == [delta] + [delta and keep != "rows"] * (sequential - 1)
 
 
 @pytest.mark.parametrize("tokens,segments,H,K,groups", [
