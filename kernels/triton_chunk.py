@@ -456,6 +456,9 @@ def _h_fwd_kernel(k, v, beta, gc, rn, w, u, h0, hs, vn, ht, cu, coff, order,
             if NK > 3:
                 b_vn -= _w_h(w, h4, offs, valid, 3 * BK, i_h, H, K, BK, PREC, DOT16)
             _store_tile(vn + i_h * V, b_vn, offs, valid, v0, H * V, V, BV)
+            # The state takes v_new as stored, as the o kernel and the backward read it: a backward in
+            # groups forms the states again from the stored v_new, and gets the same ones.
+            b_vn = b_vn.to(vn.dtype.element_ty).to(tl.float32)
         else:
             b_vn = _load_tile(v + i_h * V, offs, valid, v0, H * V, V, BV)
             if HAS_BETA:

@@ -251,6 +251,23 @@ def test_backward_keeps_or_recomputes(algo, keep, monkeypatch):
     assert launches["_h_fwd_kernel"] == [delta] + [delta and keep != "rows"] * (sequential - 1)
 
 
+@pytest.mark.parametrize("algo", [a for a, (_, _, delta) in ALGORITHMS.items() if delta])
+def test_grouped_backward_equals_one_group_in_bf16(algo, monkeypatch):
+    """In groups the backward forms the chunk states again from the v_new the forward stored (in bf16 for
+    bf16 inputs), and one group reads the states the forward kept: both must be the same states, so the
+    gradients are equal bit for bit (the forward's state update takes v_new as stored)."""
+    lens = [0, 37, 20]
+    cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0)
+    inputs, delta = make_inputs(algo, 1, sum(lens), 1, 32, 16, seed=14, N=len(lens))
+    kw = dict(delta=delta, normalize_qk=True, chunk_size=16, cu_seqlens=cu)
+    one = run(TC.chunk_memory, inputs, torch.bfloat16, **kw)
+    monkeypatch.setattr(TC, "WORKSPACE_BYTES", 1)
+    monkeypatch.setattr(TC, "MIN_CHAINS", 1)
+    grouped = run(TC.chunk_memory, inputs, torch.bfloat16, **kw)
+    for name, x in one.items():
+        assert torch.equal(grouped[name], x), name
+
+
 @pytest.mark.parametrize("tokens,segments,H,K,groups", [
     (3 * 16384, 40, 4, 256, 2),  # MoM layer, B8 x T2048: about 1.1 GB of workspace, 160 chains
     (3 * 16384, 5, 4, 256, 1),  # B1 x T16384: 20 chains, too few to split
