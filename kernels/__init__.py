@@ -53,10 +53,13 @@ def memory_op(q, k, v, g=None, beta=None, delta=False, scale=None, initial_state
 
 def short_conv(x, weight, bias, pos, split=()):
     """Causal depthwise convolution + SiLU over packed segments (see `reference.short_conv`); with split
-    (channel counts), the output's column blocks as a tuple."""
+    (channel counts), the output's column blocks as a tuple. Columns of x past the weight's channels are
+    not convolved: they come back last (see `triton_conv.short_conv`)."""
     if _triton(x) is None:
-        y = reference.short_conv(x, weight, bias, pos)
-        return y.split(list(split), -1) if split else y
+        C = weight.shape[0]
+        y = reference.short_conv(x[:, :C], weight, bias, pos)
+        ys = (*(y.split(list(split), -1) if split else (y,)), *((x[:, C:],) if x.shape[1] > C else ()))
+        return ys if split or len(ys) > 1 else ys[0]
     from .triton_conv import short_conv as triton_short_conv
     return triton_short_conv(x, weight, bias, pos, split)
 

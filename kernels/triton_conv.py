@@ -103,8 +103,9 @@ def _dpre_kernel(x, sx, w, b, pos, dy0, dy1, dy2, C0, C1, C2, dpre, dw_part, db_
 
 
 @triton.jit
-def _dx_kernel(w, pos, dpre, dx, N, C, W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
-    """dx[t] = sum_j w[:, W-1-j] * dpre[t+j] * [pos[t+j] >= j]: the taps that read x[t]."""
+def _dx_kernel(w, pos, dpre, dx, sdx, N, C, W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    """dx[t] = sum_j w[:, W-1-j] * dpre[t+j] * [pos[t+j] >= j]: the taps that read x[t]; dx's rows are sdx
+    apart."""
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     cmask = cols < C
@@ -116,7 +117,7 @@ def _dx_kernel(w, pos, dpre, dx, N, C, W: tl.constexpr, BN: tl.constexpr, BC: tl
         d = tl.load(dpre + dst[:, None] * C + cols[None, :], mask=ok[:, None] & cmask[None, :],
                     other=0.0).to(tl.float32)
         acc += d * tl.load(w + cols * W + (W - 1 - j), mask=cmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(dx + rows[:, None] * C + cols[None, :], acc.to(dx.dtype.element_ty),
+    tl.store(dx + rows[:, None] * sdx + cols[None, :], acc.to(dx.dtype.element_ty),
              mask=(rows < N)[:, None] & cmask[None, :])
 
 
@@ -139,10 +140,11 @@ class ShortConvFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, pos, split):
         # x may be a column block of a wider array (the MoM projections are one product): rows may be
         # any distance apart, but each row must be contiguous. A distance that is a multiple of 16
-        # elements keeps the loads vectorised (Triton specialises integer arguments on it).
+        # elements keeps the loads vectorised (Triton specialises integer arguments on it). Columns of x
+        # past the weight's channels are not convolved: they come back as one more output (a copy).
         x = x if x.stride(-1) == 1 else x.contiguous()
         weight, bias, pos = weight.contiguous(), bias.contiguous(), pos.contiguous()
-        N, C = x.shape
+        N, C = x.shape[0], weight.shape[0]
         ys = [x.new_empty(N, c) for c in split]  # contiguous, whatever the layout of x
         BN, BC, grid = _grid(N, split)
         if N:
@@ -150,25 +152,29 @@ class ShortConvFunction(torch.autograd.Function):
                               num_warps=CONFIG["num_warps"])
         ctx.save_for_backward(x, weight, bias, pos)
         ctx.split = split
-        return tuple(ys)
+        return tuple(ys) + ((x[:, C:].clone(),) if x.shape[1] > C else ())
 
     @staticmethod
-    def backward(ctx, *dys):
+    def backward(ctx, *grads):
         x, weight, bias, pos = ctx.saved_tensors
-        N, C = x.shape
-        W = weight.shape[1]
+        N, C, W = x.shape[0], weight.shape[0], weight.shape[1]
+        dys = grads[:len(ctx.split)]
         BN, BC, grid = _grid(N, ctx.split)
         # dpre is written by the first pass and read back by the second, in x's dtype: for 16-bit inputs
         # half the traffic of fp32, and dx is rounded to that dtype anyway.
-        dpre = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dpre = x.new_empty(N, C)
         # every (row block, channel) share is written (no rows: no blocks, and the sums are zero)
         dw_part = torch.empty(grid[0], C, W, device=x.device, dtype=torch.float32)
         db_part = torch.empty(grid[0], C, device=x.device, dtype=torch.float32)
+        # One array for the whole gradient of x: the convolved columns by the kernel, the others copied.
         dx = x.new_empty(x.shape)
+        if x.shape[1] > C:
+            rest = grads[len(ctx.split)]
+            dx[:, C:] = 0 if rest is None else rest
         if N:
             _dpre_kernel[grid](x, x.stride(0), weight, bias, pos, *_blocks([d.contiguous() for d in dys]), dpre,
                                dw_part, db_part, N, C, W, BN, BC, num_warps=CONFIG["num_warps"])
-            _dx_kernel[grid](weight, pos, dpre, dx, N, C, W, BN, BC, num_warps=CONFIG["num_warps"])
+            _dx_kernel[grid](weight, pos, dpre, dx, dx.stride(0), N, C, W, BN, BC, num_warps=CONFIG["num_warps"])
         return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype), None, None
 
 
@@ -179,11 +185,15 @@ def _blocks(ts):
 
 
 def short_conv(x: Tensor, weight: Tensor, bias: Tensor, pos: Tensor, split: Sequence[int] = ()):
-    """The convolution of x (N, C); with split (widths summing to C), its column blocks as separate
-    contiguous arrays, written so by the kernel (q, k and v of one convolution need no copy)."""
-    if split and sum(split) != x.shape[1]:
-        raise ValueError(f"split {tuple(split)} must sum to the {x.shape[1]} channels")
+    """The convolution of x (N, C) with C = weight's channels; with split (widths summing to C), its column
+    blocks as separate contiguous arrays, written so by the kernel (q, k and v of one convolution need no
+    copy). x may have more columns than C: those are not convolved, and come back after the blocks as one
+    array, so that the whole gradient of x is written into one array (split apart by torch, its
+    pieces' gradients would be concatenated: a copy of all of it)."""
+    C = weight.shape[0]
+    if x.shape[1] < C or (split and sum(split) != C):
+        raise ValueError(f"split {tuple(split)} must sum to the weight's {C} channels, at most x's {x.shape[1]}")
     if len(split) > 3:
         raise ValueError(f"the short convolution splits its output into at most 3 blocks, got {len(split)}")
-    ys = ShortConvFunction.apply(x, weight, bias, pos, tuple(split) or (x.shape[1],))
-    return ys if split else ys[0]
+    ys = ShortConvFunction.apply(x, weight, bias, pos, tuple(split) or (C,))
+    return ys if split or len(ys) > 1 else ys[0]

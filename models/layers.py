@@ -51,7 +51,8 @@ class ShortConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor, pos: Tensor, split: Sequence[int] = ()):
-        """(N, C) -> (N, C), or with split (channel counts) its column blocks as separate arrays."""
+        """(N, C) -> (N, C), or with split (channel counts) its column blocks as separate arrays. Columns of x
+        past C are not convolved: they come back last, as one array (see `kernels.short_conv`)."""
         return short_conv(x, self.weight, self.bias, pos, split)
 
     def tail(self, x: Tensor, cu_seqlens: Tensor) -> Tensor:

@@ -86,6 +86,36 @@ def test_short_conv_split_into_column_blocks(split):
         short_conv(x, w, b, pos, (C - 3, 1, 1, 1))
 
 
+@pytest.mark.parametrize("use_rest", [True, False])
+def test_short_conv_hands_back_the_columns_past_its_channels(use_rest):
+    """x wider than the weight's channels (the MoM projections: q | k | v, then the gate columns): the
+    other columns come back unchanged as one more array, and x's gradient is one array, the convolution's
+    part in the first columns and the extra array's gradient (or zeros, unused) in the others."""
+    from mom_bench.kernels import short_conv as dispatched
+
+    torch.manual_seed(8)
+    split, R = (16, 16, 8), 7
+    C = sum(split)
+    cu = torch.tensor([0, 5, 5, 6, 76], device=DEVICE)
+    _, pos = segment_positions(cu)
+    x = torch.randn(76, C + R, device=DEVICE)
+    w, b = torch.randn(C, 4, device=DEVICE) / 2, torch.randn(C, device=DEVICE)
+    dys = [torch.randn(76, c, device=DEVICE) for c in split] + [torch.randn(76, R, device=DEVICE)]
+    ref_x = x[:, :C].double().requires_grad_()
+    ref = reference.short_conv(ref_x, w.double(), b.double(), pos)
+    ref.backward(torch.cat(dys[:3], 1).double())
+    for fn in (short_conv, dispatched):
+        xl = x.clone().requires_grad_()
+        ys = fn(xl, w, b, pos, split)
+        assert len(ys) == 4 and torch.equal(ys[3], x[:, C:])
+        torch.autograd.backward(ys[:3] + ys[3:] * use_rest, dys[:3] + dys[3:] * use_rest)
+        torch.testing.assert_close(torch.cat(ys[:3], 1).double(), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(xl.grad[:, :C].double(), ref_x.grad, rtol=1e-5, atol=1e-5)
+        assert torch.equal(xl.grad[:, C:], dys[3] if use_rest else torch.zeros_like(dys[3]))
+    with pytest.raises(ValueError, match="must sum to"):
+        short_conv(x[:, :C - 1], w[:C - 1], b[:C - 1], pos, split)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
