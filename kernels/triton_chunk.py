@@ -1080,8 +1080,9 @@ class _Plan:
         self.NK, self.NV = triton.cdiv(K, self.BK), triton.cdiv(V, self.BV)
 
     def copy_cu_to_host(self) -> None:
-        """Start copying cu_seqlens from the GPU to the host, without waiting: the forward calls this when
-        its backward will run in groups, so that reading them there stalls nothing (`host_cu`)."""
+        """Start copying cu_seqlens from the GPU to the host, without waiting: the forward calls this first
+        when its backward will run in groups, so that the backward's read (`host_cu`) waits only until the
+        GPU has passed this copy, not for the whole forward."""
         if self.cu_host is None and self.cu_copy is None:
             buf = torch.empty(len(self.cu), dtype=self.cu.dtype, pin_memory=True)
             buf.copy_(self.cu, non_blocking=True)
@@ -1183,7 +1184,7 @@ class ChunkMemoryFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g, beta, initial_state, cu_seqlens, scale, delta, normalize_qk, chunk_size):
         p = _Plan(q, k, v, g, beta, delta, scale, cu_seqlens, normalize_qk, chunk_size)
         grouped = any(ctx.needs_input_grad) and _group_count(p) > 1
-        if grouped:  # before this call's kernels in the stream: the copy is done when the backward reads it
+        if grouped:  # ahead of this call's kernels in the stream, so that the backward waits as little as it can
             p.copy_cu_to_host()
         fq, fk, fv, fg, fb = (p.flat(x) for x in (q, k, v, g, beta))
         h0 = None if initial_state is None else initial_state.contiguous()
@@ -1308,7 +1309,8 @@ def _backward(p: "_Plan", q, k, v, g, beta, do, Ai, h0, dht, dq, dk, dv, dg, db,
         q, k, o["gc"], o["rn"], o["w"], do, _or(dht, x), dhs, dvn, _or(dh0, x), p.cu, p.coff,
         p.order, p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_DHT=dht is not None,
         HAS_H0=h0 is not None, DOT16=p.dot16, **p.switches(), **p.launch("_h", "dh"))
-    s["w"] = s["Mqk"] = o["w"] = o["Mqk"] = None  # read by the intra-chunk dv and reverse passes only: free early
+    # read by the intra-chunk dv and reverse passes only: freed here, unless the forward kept them
+    s["w"] = s["Mqk"] = o["w"] = o["Mqk"] = None
     if not p.NT:
         for t in (dq, dk, dv, dg, db):
             if t is not None:
