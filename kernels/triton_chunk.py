@@ -62,6 +62,7 @@ INTERPRET = interpreting()
 # `_lp` rounds operands to bf16 but hands them over as fp32, which gives the same products.
 _BF16_DOT = tl.constexpr(not INTERPRET)
 EPS = tl.constexpr(1e-6)  # the eps of reference.l2norm
+FIRST, LAST = tl.constexpr("evict_first"), tl.constexpr("evict_last")  # L2 eviction policies of loads
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -82,11 +83,13 @@ def _chunk_rows(cu, cidx, i_t, BT: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptr, offs, valid, col0, stride, D: tl.constexpr, BD: tl.constexpr):
-    """Rows `offs` and columns col0 + [0, BD) (of D) of a row-major array with row stride `stride`, fp32."""
+def _load_tile(ptr, offs, valid, col0, stride, D: tl.constexpr, BD: tl.constexpr, EV: tl.constexpr = None):
+    """Rows `offs` and columns col0 + [0, BD) (of D) of a row-major array with row stride `stride`, fp32;
+    EV: an eviction policy for L2 (see the dq/dk kernel)."""
     cols = col0 + tl.arange(0, BD)
     mask = valid[:, None] & (cols[None, :] < D)
-    return tl.load(ptr + offs[:, None] * stride + cols[None, :], mask=mask, other=0.).to(tl.float32)
+    return tl.load(ptr + offs[:, None] * stride + cols[None, :], mask=mask, other=0.,
+                   eviction_policy=EV or "").to(tl.float32)
 
 
 @triton.jit
@@ -97,12 +100,15 @@ def _store_tile(ptr, x, offs, valid, col0, stride, D: tl.constexpr, BD: tl.const
 
 
 @triton.jit
-def _load_state(ptr, base, row0, col0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Rows row0 + [0, BK) and columns col0 + [0, BV) of the (K, V) state at `ptr + base`, as fp32."""
+def _load_state(ptr, base, row0, col0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                EV: tl.constexpr = None):
+    """Rows row0 + [0, BK) and columns col0 + [0, BV) of the (K, V) state at `ptr + base`, as fp32; EV as
+    in `_load_tile`."""
     rk = row0 + tl.arange(0, BK)
     rv = col0 + tl.arange(0, BV)
     mask = (rk[:, None] < K) & (rv[None, :] < V)
-    return tl.load(ptr + base + rk[:, None] * V + rv[None, :], mask=mask, other=0.).to(tl.float32)
+    return tl.load(ptr + base + rk[:, None] * V + rv[None, :], mask=mask, other=0.,
+                   eviction_policy=EV or "").to(tl.float32)
 
 
 @triton.jit
@@ -729,7 +735,13 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, hs, vn, do, dhs, dvn, dMs, dLs, dbp, 
     part. Under NORM the gradient wrt raw q needs sum_k qn dqn over the whole row: with several K blocks
     the normalised-space gradients are first stored in dq and dk themselves, then a second pass over the
     same rows (this program's own) turns them into the raw-space gradients in place: no scratch arrays,
-    at the cost of one rounding to the gradients' dtype in between."""
+    at the cost of one rounding to the gradients' dtype in between.
+
+    The states and their gradients are read once, the chunk's rows (do, v_new, dX, q, k) once per K
+    block: the states are loaded to be evicted first from L2, the rows to stay. Without these hints the
+    kernel read several times the bytes it asks for from DRAM (64% of its bandwidth at the MoM layer's
+    B8 x T2048, by ncu); with them, and 8 warps, it took 1.90 ms there against 2.07 (H100,
+    results/bench/core_configs.md, ninth session)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     offs, valid, t_last, live = _chunk_rows(cu, cidx, i_t, BT)
     if not live:  # a chunk past the real count: nothing to do
@@ -759,25 +771,25 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, hs, vn, do, dhs, dvn, dMs, dLs, dbp, 
         b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # A^T dv_new h^T = -(the gradient wrt beta k e^G)
         b_hdh = tl.zeros([BK], dtype=tl.float32)
         for i_v in range(NV):
-            h = _load_state(hs, hbase, c0, i_v * BV, K, V, BK, BV)
-            dhn = _load_state(dhs, hbase, c0, i_v * BV, K, V, BK, BV)
-            b_do = _load_tile(do + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
+            h = _load_state(hs, hbase, c0, i_v * BV, K, V, BK, BV, FIRST)
+            dhn = _load_state(dhs, hbase, c0, i_v * BV, K, V, BK, BV, FIRST)
+            b_do = _load_tile(do + i_h * V, offs, valid, i_v * BV, H * V, V, BV, LAST)
             if DELTA:
-                b_vn = _load_tile(vn + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
+                b_vn = _load_tile(vn + i_h * V, offs, valid, i_v * BV, H * V, V, BV, LAST)
             else:
-                b_vn = _load_tile(v + i_h * V, offs, valid, i_v * BV, H * V, V, BV) * b[:, None]
+                b_vn = _load_tile(v + i_h * V, offs, valid, i_v * BV, H * V, V, BV, LAST) * b[:, None]
             b_dq += tl.dot(b_do, tl.trans(h), input_precision=PREC)
             b_dk += tl.dot(b_vn, tl.trans(dhn), input_precision=PREC)
             if DELTA:  # the dv kernel left A^T dv_new in dvn
-                b_dX = _load_tile(dvn + i_h * V, offs, valid, i_v * BV, H * V, V, BV)
+                b_dX = _load_tile(dvn + i_h * V, offs, valid, i_v * BV, H * V, V, BV, LAST)
                 b_dw += tl.dot(b_dX, tl.trans(h), input_precision=PREC)
             if DECAY > 0:
                 b_hdh += tl.sum(h * dhn, 1)
         # The chunk's own tiles are (re)loaded here, after the V loop, to keep them out of its registers;
         # dq is finished first so that its tiles die before the dk terms.
-        qn = _load_tile(q + i_h * K, offs, valid, c0, H * K, K, BK) * rq[:, None]
+        qn = _load_tile(q + i_h * K, offs, valid, c0, H * K, K, BK, LAST) * rq[:, None]
         qb = qn * scale
-        kb = _load_tile(k + i_h * K, offs, valid, c0, H * K, K, BK) * rk[:, None]
+        kb = _load_tile(k + i_h * K, offs, valid, c0, H * K, K, BK, LAST) * rk[:, None]
         if DECAY == 2:
             Gb, Gb_last = _decay_cols(gc, offs, valid, t_last, i_h, c0, H, K, BK)
             eqb = tl.exp(Gb)
@@ -933,14 +945,13 @@ def _config(K: int, V: int, chunk_size: int) -> dict:
         BK_dqk=min(KP, 64),
         BK_dqk_channel=min(KP, 32),  # per-channel decay: the sub-chunk pair gradients need more registers
         warps=4,        # o, dv
-        # prep and dq/dk: 4 warps were faster than 8 for the gated delta rule at the MoM benchmark
-        # shapes (results/bench/core_configs.md); per-channel decay (its sub-chunk pairs need more
-        # registers) keeps 8, not measured against 4.
+        # prep: 4 warps were faster than 8 for the gated delta rule at the MoM benchmark shapes, dq/dk
+        # with its L2 hints 8 (results/bench/core_configs.md); per-channel decay (its sub-chunk pairs
+        # need more registers) keeps 8 for prep, not measured against 4.
         warps_prep=4,
         warps_prep_channel=8,
         warps_h=4,      # h, dh
-        warps_dqk=4,
-        warps_dqk_channel=8,
+        warps_dqk=8,
         stages=1,
         # With bf16 operands (`_Plan.dot16`) the sequential kernels are pipelined over 2 stages (the next
         # chunk's loads in flight during this one's products): the MoM layer at B1 x T16384 took 10.31 ms

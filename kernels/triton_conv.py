@@ -121,18 +121,25 @@ def _dx_kernel(w, pos, dpre, dx, sdx, N, C, W: tl.constexpr, BN: tl.constexpr, B
              mask=(rows < N)[:, None] & cmask[None, :])
 
 
-# Tile of one program: BN rows (tokens) by at most BC channels. Module-level so benchmarks can try others.
-CONFIG = dict(BN=64, BC=128, num_warps=4)
+# Tile of one program per kernel: BN rows (tokens) by at most BC channels, and its warps. Module-level so
+# benchmarks can try others (results/bench/conv_tiles.py). The first backward pass sums its tile's rows for
+# dw and db: in one warp those sums need no shared memory or barriers. With a (16, 64) tile in one warp it
+# took 0.62 ms against 0.96 with the (64, 128) tile in 4 warps that all three kernels had before, at the MoM
+# layer's B8 x T2048 (H100, conv_tiles.md); the others gained less than 0.1 ms from other tiles.
+CONFIG = dict(fwd=dict(BN=32, BC=128, num_warps=4), dpre=dict(BN=16, BC=64, num_warps=1),
+              dx=dict(BN=64, BC=128, num_warps=4))
 
 
-def _grid(N: int, split: Sequence[int]):
-    """Tile sizes and grid. A column tile must lie inside one output block: BC divides every block's
-    width but the last (whose tail the column mask covers)."""
-    BC = min(CONFIG["BC"], triton.next_power_of_2(max(sum(split), 16)))
+def _grid(N: int, split: Sequence[int], kernel: str):
+    """Tile sizes, grid and launch options of `kernel`. A column tile must lie inside one output block:
+    BC divides every block's width but the last (whose tail the column mask covers)."""
+    cfg = dict(CONFIG[kernel])
+    BC = min(cfg["BC"], triton.next_power_of_2(max(sum(split), 16)))
     for width in split[:-1]:
         if width:
             BC = min(BC, width & -width)  # the largest power of two dividing the width
-    return CONFIG["BN"], BC, (triton.cdiv(N, CONFIG["BN"]), triton.cdiv(sum(split), BC))
+    cfg["BC"] = BC
+    return cfg, (triton.cdiv(N, cfg["BN"]), triton.cdiv(sum(split), BC))
 
 
 class ShortConvFunction(torch.autograd.Function):
@@ -146,10 +153,9 @@ class ShortConvFunction(torch.autograd.Function):
         weight, bias, pos = weight.contiguous(), bias.contiguous(), pos.contiguous()
         N, C = x.shape[0], weight.shape[0]
         ys = [x.new_empty(N, c) for c in split]  # contiguous, whatever the layout of x
-        BN, BC, grid = _grid(N, split)
+        tile, grid = _grid(N, split, "fwd")
         if N:
-            _fwd_kernel[grid](x, x.stride(0), weight, bias, pos, *_blocks(ys), N, C, weight.shape[1], BN, BC,
-                              num_warps=CONFIG["num_warps"])
+            _fwd_kernel[grid](x, x.stride(0), weight, bias, pos, *_blocks(ys), N, C, weight.shape[1], **tile)
         ctx.save_for_backward(x, weight, bias, pos)
         ctx.split = split
         return tuple(ys) + ((x[:, C:].clone(),) if x.shape[1] > C else ())
@@ -159,7 +165,7 @@ class ShortConvFunction(torch.autograd.Function):
         x, weight, bias, pos = ctx.saved_tensors
         N, C, W = x.shape[0], weight.shape[0], weight.shape[1]
         dys = grads[:len(ctx.split)]
-        BN, BC, grid = _grid(N, ctx.split)
+        tile, grid = _grid(N, ctx.split, "dpre")
         # dpre is written by the first pass and read back by the second, in x's dtype: for 16-bit inputs
         # half the traffic of fp32, and dx is rounded to that dtype anyway.
         dpre = x.new_empty(N, C)
@@ -173,8 +179,9 @@ class ShortConvFunction(torch.autograd.Function):
             dx[:, C:] = 0 if rest is None else rest
         if N:
             _dpre_kernel[grid](x, x.stride(0), weight, bias, pos, *_blocks([d.contiguous() for d in dys]), dpre,
-                               dw_part, db_part, N, C, W, BN, BC, num_warps=CONFIG["num_warps"])
-            _dx_kernel[grid](weight, pos, dpre, dx, dx.stride(0), N, C, W, BN, BC, num_warps=CONFIG["num_warps"])
+                               dw_part, db_part, N, C, W, **tile)
+            tile, grid = _grid(N, ctx.split, "dx")
+            _dx_kernel[grid](weight, pos, dpre, dx, dx.stride(0), N, C, W, **tile)
         return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(bias.dtype), None, None
 
 

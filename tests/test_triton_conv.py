@@ -48,7 +48,7 @@ def check(lengths, C, W, dtype=torch.float32, tol=1e-5, pad=0):
 
 
 @pytest.mark.parametrize("lengths", [[5, 0, 1, 3, 70, 2], [130], [0, 0]])
-@pytest.mark.parametrize("C,W", [(20, 4), (8, 2)])
+@pytest.mark.parametrize("C,W", [(20, 4), (8, 2), (12, 3)])
 def test_short_conv_matches_reference(lengths, C, W):
     check(lengths, C, W)
 
