@@ -737,11 +737,11 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, hs, vn, do, dhs, dvn, dMs, dLs, dbp, 
     same rows (this program's own) turns them into the raw-space gradients in place: no scratch arrays,
     at the cost of one rounding to the gradients' dtype in between.
 
-    The states and their gradients are read once, the chunk's rows (do, v_new, dX, q, k) once per K
-    block: the states are loaded to be evicted first from L2, the rows to stay. Without these hints the
-    kernel read several times the bytes it asks for from DRAM (64% of its bandwidth at the MoM layer's
-    B8 x T2048, by ncu); with them, and 8 warps, it took 1.90 ms there against 2.07 (H100,
-    results/bench/core_configs.md, ninth session)."""
+    The states and their gradients are read once, the chunk's rows (do, v_new or v, dX, q, k) once per
+    K block: the states are loaded to be evicted first from L2, the rows to stay. Without these hints
+    the kernel moved about three times its distinct data from DRAM (ncu: 64% of the bandwidth for 1.07 ms,
+    about 2.3 GB, against about 0.8 GB, one group at the MoM layer's B8 x T2048); with them, and 8 warps,
+    it took 1.90 ms there against 2.07 (H100, results/bench/core_configs.md, ninth session)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     offs, valid, t_last, live = _chunk_rows(cu, cidx, i_t, BT)
     if not live:  # a chunk past the real count: nothing to do
