@@ -398,6 +398,45 @@ def _state_init(ptr, base, row0, col0, K: tl.constexpr, V: tl.constexpr, BK: tl.
 
 
 @triton.jit
+def _states_init(ptr, base, col0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 NK: tl.constexpr, HAS: tl.constexpr):
+    """The NK <= 4 (BK, BV) tiles of a state held by one program (see `_h_fwd_kernel`), loaded under HAS;
+    the tiles past NK are zeros that the kernels never use, so they cost nothing once compiled."""
+    x1 = _state_init(ptr, base, 0, col0, K, V, BK, BV, HAS)
+    x2 = _state_init(ptr, base, BK, col0, K, V, BK, BV, HAS and NK > 1)
+    x3 = _state_init(ptr, base, 2 * BK, col0, K, V, BK, BV, HAS and NK > 2)
+    x4 = _state_init(ptr, base, 3 * BK, col0, K, V, BK, BV, HAS and NK > 3)
+    return x1, x2, x3, x4
+
+
+@triton.jit
+def _store_states(ptr, x1, x2, x3, x4, base, col0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, NK: tl.constexpr):
+    """Stores the first NK of a state's tiles from `_states_init`."""
+    _store_state(ptr, x1, base, 0, col0, K, V, BK, BV)
+    if NK > 1:
+        _store_state(ptr, x2, base, BK, col0, K, V, BK, BV)
+    if NK > 2:
+        _store_state(ptr, x3, base, 2 * BK, col0, K, V, BK, BV)
+    if NK > 3:
+        _store_state(ptr, x4, base, 3 * BK, col0, K, V, BK, BV)
+
+
+@triton.jit
+def _sequential_program(order, cu, coff, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                        BV: tl.constexpr):
+    """What a program of the sequential passes works on: its head and segment (taken in `order`), the
+    segment's rows [bos, eos) and first chunk c0, its V block's first column and its state's offset."""
+    i_v, i_j = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = tl.load(order + i_j // H), i_j % H
+    bos = tl.load(cu + i_n).to(tl.int64)
+    eos = tl.load(cu + i_n + 1).to(tl.int64)
+    c0 = tl.load(coff + i_n).to(tl.int64)
+    base = (i_n * H + i_h).to(tl.int64) * (K * V)
+    return i_h, bos, eos, c0, i_v * BV, base
+
+
+@triton.jit
 def _h_step(h, k, gc, f, offs, valid, t_last, i_h, col0, b_vn, eG, H: tl.constexpr, K: tl.constexpr,
             BK: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr, DOT16: tl.constexpr):
     """One K block of h <- e^{G_last} h + (k e^{G_last - G})^T v_new. For DECAY < 2 the row factors are
@@ -424,34 +463,15 @@ def _h_fwd_kernel(k, v, beta, gc, rn, w, u, h0, hs, vn, ht, cu, coff, order,
 
     W h sums over every key row, so one program holds all of them, as NK <= 4 separate (BK, BV) tiles:
     each product then has a (BK, BT) operand that fits in registers (one (K, BT) operand spills at K=256)."""
-    i_v, i_j = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = tl.load(order + i_j // H), i_j % H
-    i_nh = i_n * H + i_h
-    bos = tl.load(cu + i_n).to(tl.int64)
-    eos = tl.load(cu + i_n + 1).to(tl.int64)
-    c0 = tl.load(coff + i_n).to(tl.int64)
-    v0 = i_v * BV
-    base = i_nh.to(tl.int64) * (K * V)
-    h1 = _state_init(h0, base, 0, v0, K, V, BK, BV, HAS_H0)
-    if NK > 1:
-        h2 = _state_init(h0, base, BK, v0, K, V, BK, BV, HAS_H0)
-    if NK > 2:
-        h3 = _state_init(h0, base, 2 * BK, v0, K, V, BK, BV, HAS_H0)
-    if NK > 3:
-        h4 = _state_init(h0, base, 3 * BK, v0, K, V, BK, BV, HAS_H0)
+    i_h, bos, eos, c0, v0, base = _sequential_program(order, cu, coff, H, K, V, BV)
+    h1, h2, h3, h4 = _states_init(h0, base, v0, K, V, BK, BV, NK, HAS_H0)
     for i_c in range(0, tl.cdiv(eos - bos, BT)):
         t0 = bos + i_c * BT
         offs = t0 + tl.arange(0, BT)
         valid = offs < eos
         t_last = tl.minimum(t0 + BT, eos) - 1
         hb = ((c0 + i_c) * H + i_h) * (K * V)
-        _store_state(hs, h1, hb, 0, v0, K, V, BK, BV)
-        if NK > 1:
-            _store_state(hs, h2, hb, BK, v0, K, V, BK, BV)
-        if NK > 2:
-            _store_state(hs, h3, hb, 2 * BK, v0, K, V, BK, BV)
-        if NK > 3:
-            _store_state(hs, h4, hb, 3 * BK, v0, K, V, BK, BV)
+        _store_states(hs, h1, h2, h3, h4, hb, v0, K, V, BK, BV, NK)
         if DELTA:
             b_vn = _load_tile(u + i_h * V, offs, valid, v0, H * V, V, BV)
             b_vn -= _w_h(w, h1, offs, valid, 0, i_h, H, K, BK, PREC, DOT16)
@@ -487,13 +507,7 @@ def _h_fwd_kernel(k, v, beta, gc, rn, w, u, h0, hs, vn, ht, cu, coff, order,
         if NK > 3:
             h4 = _h_step(h4, k, gc, f, offs, valid, t_last, i_h, 3 * BK, b_vn, eG, H, K, BK, DECAY, PREC, DOT16)
     if STORE_HT:
-        _store_state(ht, h1, base, 0, v0, K, V, BK, BV)
-        if NK > 1:
-            _store_state(ht, h2, base, BK, v0, K, V, BK, BV)
-        if NK > 2:
-            _store_state(ht, h3, base, 2 * BK, v0, K, V, BK, BV)
-        if NK > 3:
-            _store_state(ht, h4, base, 3 * BK, v0, K, V, BK, BV)
+        _store_states(ht, h1, h2, h3, h4, base, v0, K, V, BK, BV, NK)
 
 
 @triton.jit
@@ -589,21 +603,8 @@ def _dh_bwd_kernel(q, k, gc, rn, w, do, dht, dhs, dvn, dh0, cu, coff, order, sca
     """The reverse pass: per chunk, the gradient wrt the state at its end (dhs) and wrt v_new (dvn, which
     holds M^T do on entry); the state gradient held as NK <= 4 (BK, BV) tiles as in the forward pass, the
     segments in `order`."""
-    i_v, i_j = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = tl.load(order + i_j // H), i_j % H
-    i_nh = i_n * H + i_h
-    bos = tl.load(cu + i_n).to(tl.int64)
-    eos = tl.load(cu + i_n + 1).to(tl.int64)
-    c0 = tl.load(coff + i_n).to(tl.int64)
-    v0 = i_v * BV
-    base = i_nh.to(tl.int64) * (K * V)
-    dh1 = _state_init(dht, base, 0, v0, K, V, BK, BV, HAS_DHT)
-    if NK > 1:
-        dh2 = _state_init(dht, base, BK, v0, K, V, BK, BV, HAS_DHT)
-    if NK > 2:
-        dh3 = _state_init(dht, base, 2 * BK, v0, K, V, BK, BV, HAS_DHT)
-    if NK > 3:
-        dh4 = _state_init(dht, base, 3 * BK, v0, K, V, BK, BV, HAS_DHT)
+    i_h, bos, eos, c0, v0, base = _sequential_program(order, cu, coff, H, K, V, BV)
+    dh1, dh2, dh3, dh4 = _states_init(dht, base, v0, K, V, BK, BV, NK, HAS_DHT)
     NT = tl.cdiv(eos - bos, BT)
     for i in range(0, NT):
         i_c = NT - 1 - i
@@ -612,13 +613,7 @@ def _dh_bwd_kernel(q, k, gc, rn, w, do, dht, dhs, dvn, dh0, cu, coff, order, sca
         valid = offs < eos
         t_last = tl.minimum(t0 + BT, eos) - 1
         hb = ((c0 + i_c) * H + i_h) * (K * V)
-        _store_state(dhs, dh1, hb, 0, v0, K, V, BK, BV)
-        if NK > 1:
-            _store_state(dhs, dh2, hb, BK, v0, K, V, BK, BV)
-        if NK > 2:
-            _store_state(dhs, dh3, hb, 2 * BK, v0, K, V, BK, BV)
-        if NK > 3:
-            _store_state(dhs, dh4, hb, 3 * BK, v0, K, V, BK, BV)
+        _store_states(dhs, dh1, dh2, dh3, dh4, hb, v0, K, V, BK, BV, NK)
         fq = _row_factor(rn, offs, valid, i_h, H, 0, NORM) * scale
         fk = _row_factor(rn, offs, valid, i_h, H, 1, NORM)
         eG = 1.
@@ -656,13 +651,7 @@ def _dh_bwd_kernel(q, k, gc, rn, w, do, dht, dhs, dvn, dh0, cu, coff, order, sca
             dh4 = _dh_step(dh4, q, w, gc, fq, offs, valid, t_last, i_h, 3 * BK, b_do, b_dvn, eG, H, K, BK, DECAY,
                            DELTA, PREC, DOT16)
     if HAS_H0:
-        _store_state(dh0, dh1, base, 0, v0, K, V, BK, BV)
-        if NK > 1:
-            _store_state(dh0, dh2, base, BK, v0, K, V, BK, BV)
-        if NK > 2:
-            _store_state(dh0, dh3, base, 2 * BK, v0, K, V, BK, BV)
-        if NK > 3:
-            _store_state(dh0, dh4, base, 3 * BK, v0, K, V, BK, BV)
+        _store_states(dh0, dh1, dh2, dh3, dh4, base, v0, K, V, BK, BV, NK)
 
 
 @triton.jit
