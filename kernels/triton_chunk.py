@@ -138,6 +138,21 @@ def _l2norm_bwd(xn, r, dxn):
 
 
 @triton.jit
+def _store_row_grad(ptr, xn, r, dxn, s, offs, valid, col0, stride, K: tl.constexpr, BK: tl.constexpr,
+                    NK: tl.constexpr, NORM: tl.constexpr):
+    """Stores the K block of q's or k's gradient from dxn, the gradient wrt xn (the normalised rows under
+    NORM). A whole row (NK == 1) goes through `_l2norm_bwd` here; else dxn is stored as it is, and s
+    (returned) gathers sum(xn dxn) over the blocks for the second pass that finishes the rows."""
+    if NORM and NK == 1:
+        _store_tile(ptr, _l2norm_bwd(xn, r, dxn), offs, valid, col0, stride, K, BK)
+    else:
+        if NORM:
+            s += tl.sum(xn * dxn, 1)
+        _store_tile(ptr, dxn, offs, valid, col0, stride, K, BK)
+    return s
+
+
+@triton.jit
 def _load_beta(beta, offs, valid, H: tl.constexpr, i_h, HAS_BETA: tl.constexpr):
     if HAS_BETA:
         b = tl.load(beta + offs * H + i_h, mask=valid, other=0.).to(tl.float32)
@@ -799,14 +814,7 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, hs, vn, do, dhs, dvn, dMs, dLs, dbp, 
         # The gradient wrt G: + q dq over every q term (all carry e^{+G})
         dGb = qb * b_dq
         b_dq = b_dq * scale  # now wrt the normalised q (or q itself)
-        if NORM:
-            if NK == 1:
-                _store_tile(dq + i_h * K, _l2norm_bwd(qn, rq, b_dq), offs, valid, c0, H * K, K, BK)
-            else:
-                sq += tl.sum(qn * b_dq, 1)
-                _store_tile(dq + i_h * K, b_dq, offs, valid, c0, H * K, K, BK)
-        else:
-            _store_tile(dq + i_h * K, b_dq, offs, valid, c0, H * K, K, BK)
+        sq = _store_row_grad(dq + i_h * K, qn, rq, b_dq, sq, offs, valid, c0, H * K, K, BK, NK, NORM)
         # Across chunks: (k e^{G_last - G})^T v_new and e^{G_last} h (G_last's gradient).
         b_dk = b_dk * ekb
         if DECAY == 2:
@@ -840,14 +848,7 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, hs, vn, do, dhs, dvn, dMs, dLs, dbp, 
             _store_tile(dg + i_h * K, b_dg, offs, valid, c0, H * K, K, BK)
         if DECAY == 1:
             dG += tl.sum(dGb, 1)
-        if NORM:
-            if NK == 1:
-                _store_tile(dk + i_h * K, _l2norm_bwd(kb, rk, b_dk), offs, valid, c0, H * K, K, BK)
-            else:
-                sk += tl.sum(kb * b_dk, 1)
-                _store_tile(dk + i_h * K, b_dk, offs, valid, c0, H * K, K, BK)
-        else:
-            _store_tile(dk + i_h * K, b_dk, offs, valid, c0, H * K, K, BK)
+        sk = _store_row_grad(dk + i_h * K, kb, rk, b_dk, sk, offs, valid, c0, H * K, K, BK, NK, NORM)
     if DECAY == 1:
         b_dg = tl.cumsum(dG, 0, reverse=True) + (tl.sum(dGk, 0) + tl.sum(hdh, 0) * tl.exp(G_last))
         tl.store(dg + offs * H + i_h, b_dg.to(dg.dtype.element_ty), mask=valid)
