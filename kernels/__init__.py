@@ -88,8 +88,10 @@ def pack_pairs(index, num_memories, shared):
     return triton_pack_pairs(index, num_memories, shared)
 
 
-def memory_step(q, k, v, state, g=None, beta=None, delta=False, scale=None, normalize_qk=False):
-    kw = dict(g=g, beta=beta, delta=delta, scale=scale, normalize_qk=normalize_qk)
+def memory_step(q, k, v, state, g=None, beta=None, delta=False, scale=None, normalize_qk=False, index=None):
+    """One decoding step (see `reference.step`); with `index`, the states are rows of a pool, updated in
+    place."""
+    kw = dict(g=g, beta=beta, delta=delta, scale=scale, normalize_qk=normalize_qk, index=index)
     tc = _triton(q)
     return tc.step_memory(q, k, v, state, **kw) if tc else reference.step(q, k, v, state, **kw)
 

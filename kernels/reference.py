@@ -72,9 +72,15 @@ def _check(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Optional[
 
 def step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, g: Optional[Tensor] = None,
          beta: Optional[Tensor] = None, delta: bool = False, scale: Optional[float] = None,
-         normalize_qk: bool = False) -> Tuple[Tensor, Tensor]:
+         normalize_qk: bool = False, index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """One token for a batch: q, k (B, H, K), v (B, H, V), g (B, H) or (B, H, K), beta (B, H),
-    state (B, H, K, V). Returns (o (B, H, V) in q's dtype, new state)."""
+    state (B, H, K, V). Returns (o (B, H, V) in q's dtype, new state).
+
+    With index (B,) of distinct rows, state is a pool (N, H, K, V) whose row index[b] is sequence b's
+    state: the new states are written into those rows in place, and the pool is returned."""
+    if index is not None:
+        o, new = step(q, k, v, state.index_select(0, index), g, beta, delta, scale, normalize_qk)
+        return o, state.index_copy_(0, index, new.to(state.dtype))
     dt = state.dtype
     out_dtype = q.dtype
     q, k, v = q.to(dt), k.to(dt), v.to(dt)

@@ -294,10 +294,10 @@ class MemoryMixer(nn.Module):
             write(state["conv"], window)
         q, k, v = qkv.split(self.widths[:3], -1)
         g, beta = self._gates(a, b)
-        o, S = memory_step(q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V)),
-                           read(state["S"]), g=g, beta=beta, delta=self.kind.delta,
-                           normalize_qk=self.kind.normalize_qk)
-        write(state["S"], S)
+        # The selected states are updated where they lie in the pool: no gathered copy to write back.
+        o, _ = memory_step(q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V)),
+                           state["S"].view(-1, H, K, V), g=g, beta=beta, delta=self.kind.delta,
+                           normalize_qk=self.kind.normalize_qk, index=flat)
         o = upcast(o).view(B, A, H, V)
         if self.kind.skip:
             o = o + self.D_skip[:, None] * upcast(v).reshape(B, A, H, V)

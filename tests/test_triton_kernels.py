@@ -341,6 +341,41 @@ def test_step_matches_reference(algo):
     compare({"o": o.double(), "state": s.double()}, {"o": o_ref, "state": s_ref}, 2e-6)
 
 
+@pytest.mark.parametrize("algo", ["gated_delta_rule", "kda", "linear_attention"])
+def test_step_into_a_pool_updates_only_the_indexed_rows(algo):
+    """With index, step_memory reads and writes rows of a state pool in place: the indexed rows (taken in
+    an order unlike the batch's) become the reference's new states, the other rows stay as they were."""
+    delta = ALGORITHMS[algo][2]
+    B, H, K, V, N = 3, 2, 16, 32, 7
+    x, _ = make_inputs(algo, B, 1, H, K, V, seed=11)
+    kw = {n: t[:, 0].float() for n, t in x.items() if n != "initial_state"}
+    pool = torch.randn(N, H, K, V, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    index = torch.tensor([5, 0, 3], device=DEVICE)
+    o_ref, s_ref = R.step(state=pool[index].double(), **{n: t.double() for n, t in kw.items()}, delta=delta,
+                          normalize_qk=delta)
+    want = pool.clone()
+    want[index] = s_ref.float()
+    got = pool.clone()
+    o, out = TC.step_memory(state=got, **kw, delta=delta, normalize_qk=delta, index=index)
+    assert out.data_ptr() == got.data_ptr()
+    compare({"o": o.double(), "pool": got.double()}, {"o": o_ref, "pool": want.double()}, 2e-6)
+    # The reference's pool form does the same.
+    ref_pool = pool.clone()
+    R.step(state=ref_pool, **kw, delta=delta, normalize_qk=delta, index=index)
+    compare({"pool": ref_pool.double()}, {"pool": want.double()}, 2e-6)
+
+
+def test_step_into_a_pool_refuses_what_it_cannot_update_in_place():
+    x, _ = make_inputs("gated_delta_rule", 2, 1, 2, 16, 16, seed=1)
+    kw = {n: t[:, 0].float() for n, t in x.items() if n != "initial_state"}
+    pool = torch.zeros(16, 2, 16, 4, device=DEVICE).transpose(0, 3)  # (4, 2, 16, 16), not contiguous
+    with pytest.raises(ValueError, match="contiguous"):
+        TC.step_memory(state=pool, **kw, delta=True, index=torch.tensor([0, 1], device=DEVICE))
+    with pytest.raises(ValueError, match="pool"):
+        TC.step_memory(state=torch.zeros(4, 2, 16, 8, device=DEVICE), **kw, delta=True,
+                       index=torch.tensor([0, 1], device=DEVICE))
+
+
 @pytest.mark.parametrize("algo", ["gated_delta_rule", "kda"])
 def test_decoding_continues_the_chunked_form(algo):
     """chunk_memory over a prefix, then step_memory token by token, equals chunk_memory over all."""
@@ -407,3 +442,10 @@ def test_gpu_step(algo, D, dtype):
     assert o.dtype == dtype and s.dtype == torch.float32
     tol, metric = GPU_TOL[dtype]
     compare({"o": o.double(), "state": s.double()}, {"o": o_ref, "state": s_ref}, tol, metric)
+    # The same states as rows of a pool (in another order), updated in place.
+    pool = torch.randn(12, *s.shape[1:], device=DEVICE)
+    index = torch.randperm(12, device=DEVICE)[:8]
+    pool[index] = one["initial_state"].float()
+    o2, _ = TC.step_memory(**qkv, state=pool, index=index,
+                           **{n: (t.float() if torch.is_tensor(t) else t) for n, t in kw.items()})
+    compare({"o": o2.double(), "state": pool[index].double()}, {"o": o_ref, "state": s_ref}, tol, metric)

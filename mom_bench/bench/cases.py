@@ -143,11 +143,9 @@ def decode_case(contexts, dtype) -> Case:
         beta = torch.rand(B * active, H, device="cuda", dtype=dtype)
         flat = (torch.arange(B, device="cuda")[:, None] * M + idx).flatten()
 
-        def step():  # as MemoryMixer.step: gather the selected memories, one step, write them back
-            o, s = memory_step(q, k, v, S.view(B * M, H, K, K).index_select(0, flat), g=g, beta=beta, delta=True,
-                               normalize_qk=True)
-            S.view(B * M, H, K, K).index_copy_(0, flat, s)
-            return o
+        def step():  # as MemoryMixer.step: the selected memories updated in place in the pool
+            return memory_step(q, k, v, S.view(B * M, H, K, K), g=g, beta=beta, delta=True, normalize_qk=True,
+                               index=flat)[0]
 
         return {"step": step}
 
