@@ -1,13 +1,17 @@
 """Command line: `python -m mom_bench {train,sweep,table,report,bench,pretrain,eval} ...`.
 
-`train` and `sweep` hand their arguments to one Hydra app; scaling out is Hydra's job (multirun with a
-launcher plugin: conf/launcher/), so there is no scheduler here. `sweep` only adds `sweep=default` when
-no sweep file is named; the sweep files switch Hydra to multirun themselves.
+`train`, `sweep`, `pretrain` and `eval` are one Hydra app each over their primary config in conf/; scaling
+out is Hydra's job (multirun with a launcher plugin: conf/launcher/; mom_bench.sweep checks and
+summarizes), so there is no scheduler here. `sweep` only adds `sweep=default` when no sweep file is
+named; the sweep files switch Hydra to multirun themselves.
 """
 from __future__ import annotations
 
+import logging
 import sys
 from typing import List, Optional
+
+log = logging.getLogger("mom_bench")
 
 USAGE = """usage: python -m mom_bench <command> [arguments]
 
@@ -29,41 +33,67 @@ commands:
 
 `python -m mom_bench train --help` lists the config groups and their options (Hydra's help).
 Runs write <results_dir>/runs/<run_id>.json; a run with a complete record is skipped.
+Exit status: 0 when everything asked for is done (every point of a sweep has a complete record), 1 when
+something failed (the sweep's table and report still show what there is), 2 for a usage error, 130 when
+interrupted.
 """
 
 
-def _hydra_app(prog: str, argv: List[str]) -> None:
-    import hydra
-    from hydra.errors import CompactHydraException
-    from omegaconf import DictConfig
+class _Stop(Exception):
+    """The command cannot go on for a reason the message gives in full (printed without a traceback)."""
 
-    from mom_bench.config import ConfigError, register_configs
 
-    class InvalidConfig(CompactHydraException):
-        """Hydra prints a CompactHydraException as its message alone, without a traceback."""
+def _train(cfg) -> dict:
+    """The task of `train` and of every sweep point: one run. A single run that did not complete is an
+    error (exit status 1); in a sweep it is a result, which mom_bench.sweep reports at the end."""
+    import os
 
-    register_configs()
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from hydra.utils import to_absolute_path
 
-    # pkg:// finds the YAML inside the installed package, so the app works from any directory.
-    @hydra.main(version_base="1.3", config_path="pkg://mom_bench.conf", config_name="config")
-    def app(cfg: DictConfig) -> None:
-        from hydra.utils import to_absolute_path
+    from mom_bench.sweep import SIZE_ENV
+    from mom_bench.train import train
 
-        from mom_bench.train import train
-
-        cfg.results_dir = to_absolute_path(cfg.results_dir)  # stable for every worker and the summary
+    hc = HydraConfig.get()
+    cfg.results_dir = to_absolute_path(cfg.results_dir)  # stable for every worker and the summary
+    sweep = hc.mode == RunMode.MULTIRUN
+    if sweep and os.environ.get(SIZE_ENV):
+        log.info("run %d of %s: %s", hc.job.num + 1, os.environ[SIZE_ENV], " ".join(hc.overrides.task))
+    if sweep:  # a job that raises would stop Hydra's sweeper before the summary: log it, go on
         try:
-            train(cfg)
-        except ConfigError as exc:
-            raise InvalidConfig(f"invalid config: {exc}") from None
+            return train(cfg)
+        except Exception as exc:  # noqa: BLE001 -- the summary lists the point as not done
+            log.exception("this point failed before it had a record: %s", exc)
+            return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+    record = train(cfg)
+    if record["status"] != "complete":
+        raise _Stop(f"run {record['run_id']} {record['status']}: {record['reason']}")
+    return record
 
-    sys.argv = [prog] + argv
-    app()
+
+def _pretrain(cfg) -> None:
+    from mom_bench.pretrain import pretrain
+
+    pretrain(cfg)
 
 
-def _hydra_command(prog: str, argv: List[str], config_name: str, target: str) -> None:
-    """A Hydra app over conf/<config_name>.yaml calling `module:function`(cfg) (pretrain and eval)."""
-    import importlib
+def _eval(cfg) -> None:
+    from mom_bench.evaluate import evaluate
+
+    evaluate(cfg)
+
+
+# command: (its primary config in conf/, its task)
+HYDRA_COMMANDS = {"train": ("config", _train), "sweep": ("config", _train),
+                  "pretrain": ("pretrain", _pretrain), "eval": ("eval", _eval)}
+
+
+def _hydra(command: str, argv: List[str]) -> int:
+    """Run a Hydra app over conf/<its config>.yaml; errors the user can fix are printed without a
+    traceback, Ctrl-C ends it quietly (exit status 130)."""
+    import os
+    import time
 
     import hydra
     from hydra.errors import CompactHydraException
@@ -71,28 +101,34 @@ def _hydra_command(prog: str, argv: List[str], config_name: str, target: str) ->
 
     from mom_bench.checkpoint import CheckpointError
     from mom_bench.config import ConfigError, register_configs
+    from mom_bench.records import RecordError
 
-    class InvalidConfig(CompactHydraException):
-        """Printed as its message alone, without a traceback."""
+    class Stop(CompactHydraException):
+        """Hydra prints a CompactHydraException as its message alone, without a traceback."""
 
+    config_name, task = HYDRA_COMMANDS[command]
     register_configs()
+    # Names this invocation's Hydra log folder (conf/*.yaml): two commands started in the same second on
+    # one results folder must not write into one log folder.
+    os.environ["MOM_BENCH_INVOCATION"] = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
 
+    # pkg:// finds the YAML inside the installed package, so the app works from any directory.
     @hydra.main(version_base="1.3", config_path="pkg://mom_bench.conf", config_name=config_name)
-    def app(cfg: DictConfig) -> None:
-        module, function = target.split(":")
+    def app(cfg: DictConfig):
         try:
-            getattr(importlib.import_module(module), function)(cfg)
+            return task(cfg)
         except ConfigError as exc:
-            raise InvalidConfig(f"invalid config: {exc}") from None
-        except CheckpointError as exc:
-            raise InvalidConfig(str(exc)) from None
+            raise Stop(f"invalid config: {exc}") from None
+        except (CheckpointError, RecordError, _Stop) as exc:
+            raise Stop(str(exc)) from None
 
-    sys.argv = [prog] + argv
-    app()
-
-
-HYDRA_COMMANDS = {"pretrain": ("pretrain", "mom_bench.pretrain:pretrain"),
-                  "eval": ("eval", "mom_bench.evaluate:evaluate")}
+    sys.argv = [f"mom_bench {command}"] + argv
+    try:
+        app()
+    except KeyboardInterrupt:
+        print(f"mom_bench {command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -113,16 +149,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         from mom_bench.bench import main as bench
 
         return bench(rest)
-    if command in HYDRA_COMMANDS:
-        _hydra_command(f"mom_bench {command}", rest, *HYDRA_COMMANDS[command])
-        return 0
-    if command not in ("train", "sweep"):
+    if command not in HYDRA_COMMANDS:
         print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     if command == "sweep" and not any(a.split("=")[0].lstrip("+~") == "sweep" for a in rest):
         rest = ["sweep=default"] + rest
-    _hydra_app(f"mom_bench {command}", rest)
-    return 0
+    return _hydra(command, rest)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ express (known mixer names, ranges, the MQAR constraints) are checked by ``valid
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -116,6 +119,11 @@ def validate(cfg) -> None:
     _require(m.topk <= m.num_memories, "model.topk", f"{m.topk} exceeds model.num_memories={m.num_memories}")
     _require(m.memory in KINDS, "model.memory", f"{m.memory!r} is not one of {', '.join(sorted(KINDS))}")
     _require(m.mlp in MLP_KINDS, "model.mlp", f"{m.mlp!r} is not one of {', '.join(MLP_KINDS)}")
+    head_dim = m.head_dim or m.d_model // m.num_heads
+    if "attention" in (m.pattern or [m.mixer]):  # rotary positions rotate pairs of channels
+        _require(head_dim % 2 == 0, "model.head_dim",
+                 f"attention's rotary positions need an even head dim, got {head_dim} "
+                 f"(d_model={m.d_model}, num_heads={m.num_heads})")
 
     _require(len(d.train) > 0, "data.train", "needs at least one slice")
     _require(len(d.test) > 0, "data.test", "needs at least one slice")
@@ -136,6 +144,53 @@ def validate(cfg) -> None:
     _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables it), got {o.grad_clip}")
     _require(cfg.device in DEVICES, "device", f"{cfg.device!r} is not one of {', '.join(DEVICES)}")
+    from mom_bench.tasks.mqar import check_mqar_data
+
+    check_mqar_data(d)
+
+
+def unknown_keys(value: Any, schema: Any, prefix: str = "") -> List[str]:
+    """Dotted paths of the keys of a plain `value` (dicts and lists) that the dataclass `schema` does not
+    have, each with the closest known key: `optim.learning_rate (did you mean optim.lr?)`."""
+    if dataclasses.is_dataclass(schema):
+        if not isinstance(value, dict):
+            return []
+        fields = {f.name: f for f in dataclasses.fields(schema)}
+        hints = typing.get_type_hints(schema)
+        found = []
+        for key, sub in value.items():
+            path = f"{prefix}{key}"
+            if key not in fields:
+                close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+                hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(fields)})"
+                found.append(path + hint)
+            else:
+                found += unknown_keys(sub, hints[key], path + ".")
+        return found
+    origin, args = typing.get_origin(schema), typing.get_args(schema)
+    if origin is typing.Union:  # Optional[X]
+        return [k for a in args if a is not type(None) for k in unknown_keys(value, a, prefix)]
+    if origin in (list, List) and isinstance(value, list) and args:
+        return [k for i, v in enumerate(value) for k in unknown_keys(v, args[0], f"{prefix}{i}.")]
+    return []  # scalars and free dicts (EvalConfig.metadata)
+
+
+def merge_checked(schema: Any, cfg: Any):
+    """`cfg` (a dataclass, dict or DictConfig) merged onto the structured `schema`, refusing keys the
+    schema lacks. Hydra lets `+key=value` add keys to any node, so a typo with `+` (`+optim.learning_rate`,
+    `+modle=mom`) would otherwise train the defaults and record the typo as if it meant something."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        plain = OmegaConf.to_container(cfg, resolve=False)
+    elif dataclasses.is_dataclass(cfg):
+        plain = {}
+    else:
+        plain = cfg
+    bad = unknown_keys(plain, schema)
+    if bad:
+        raise ConfigError(f"unknown key{'s' * (len(bad) > 1)}: {'; '.join(bad)}")
+    return OmegaConf.merge(OmegaConf.structured(schema), cfg)
 
 
 def register_configs() -> None:

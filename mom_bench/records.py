@@ -9,12 +9,17 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
 import platform
 import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from mom_bench import files
+
+log = logging.getLogger(__name__)
 
 # Keys that say where or how verbosely a run happens but not what it computes: two configs differing only
 # here are the same run, so they share a run_id and a finished one is not repeated.
@@ -43,15 +48,20 @@ def train_label(data: Dict[str, Any]) -> str:
     return "+".join(slice_name(s) for s in data["train"])
 
 
+# A run id is a file name: the slug is cut so that the whole name stays far below the 255 bytes most file
+# systems allow (a long hybrid `pattern` would pass it), and the hash keeps cut slugs distinct.
+MAX_SLUG = 120
+
+
 def run_id(config: Dict[str, Any]) -> str:
     """Readable slug plus a hash of everything that changes the result, e.g.
-    `attention_d64_L64_n4_lr0.001_s123_1a2b3c4d`."""
+    `attention_d64_L64_n4_lr0.001_s123_1a2b3c4d`; at most MAX_SLUG + 9 characters."""
     kept = {k: v for k, v in config.items() if k not in NON_RESULT_KEYS}
     digest = hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
     m = config["model"]
-    slug = (f"{model_label(m)}_d{m['d_model']}_{train_label(config['data'])}"
-            f"_lr{config['optim']['lr']:g}_s{config['seed']}")
-    return f"{slug.replace('+', '-')}_{digest}"
+    lr = f"{config['optim']['lr']:g}".replace("e+", "e")  # 1e+09 -> 1e09: '+' is replaced below
+    slug = f"{model_label(m)}_d{m['d_model']}_{train_label(config['data'])}_lr{lr}_s{config['seed']}"
+    return f"{slug.replace('+', '-')[:MAX_SLUG]}_{digest}"
 
 
 def record_path(results_dir: str | os.PathLike, rid: str) -> Path:
@@ -59,28 +69,134 @@ def record_path(results_dir: str | os.PathLike, rid: str) -> Path:
 
 
 def write_record(path: str | os.PathLike, record: Dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same folder, then os.replace. A run killed mid-write
-    (SLURM timeout, Ctrl-C) leaves the old record or none, never half a JSON file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    """Write atomically (mom_bench.files): a run killed mid-write (SLURM timeout, Ctrl-C) leaves the old
+    record or none, never half a JSON file."""
+    files.write_json(path, record)
+
+
+def check_writable(results_dir: str | os.PathLike) -> Path:
+    """Create `<results_dir>/runs/` and prove a file can be written there, before any training: a run must
+    not find out after hours that its record has nowhere to go. Returns the folder; raises RecordError."""
+    runs = Path(results_dir) / "runs"
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        runs.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=runs, prefix=".probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise RecordError(f"cannot write run records to {runs}: {exc.strerror or exc}") from None
+    return runs
+
+
+def fallback_path(rid: str) -> Path:
+    """Where a record goes when its results folder could not take it (a full disk, a lost mount)."""
+    return Path(tempfile.gettempdir()) / "mom_bench-records" / f"{rid}.json"
+
+
+# ------------------------------------------------------------------------------------ reading records
+class RecordError(RuntimeError):
+    """A record cannot be written or read; the message names the file and the cause."""
+
+
+KINDS = ("mqar", "bench", "eval")
+STATUSES = ("complete", "failed", "running")  # running: a benchmark record written while it measures
+INVALID = "invalid"  # runs/invalid/: records that failed validation, moved aside with a .reason file
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def problem(rec: Any) -> Optional[str]:
+    """Why `rec` is not a valid record, or None. Checks what the sweep, the tables and the figures read,
+    so that a record that passes cannot make them fail."""
+    if not isinstance(rec, dict):
+        return f"is a JSON {type(rec).__name__}, not an object"
+    if not isinstance(rec.get("run_id"), str) or not rec["run_id"]:
+        return "has no run_id"
+    if rec.get("status") not in STATUSES:
+        return f"status {rec.get('status')!r} is not one of {', '.join(STATUSES)}"
+    kind = rec.get("kind", "mqar")
+    if kind not in KINDS:
+        return f"kind {kind!r} is not one of {', '.join(KINDS)}"
+    complete = rec["status"] == "complete"
+    if kind == "mqar":
+        c = rec.get("config")
+        if not isinstance(c, dict):
+            return "has no config"
+        for part in ("model", "data", "optim"):
+            if not isinstance(c.get(part), dict):
+                return f"config has no {part}"
+        m, d = c["model"], c["data"]
+        if not isinstance(m.get("mixer"), str) or not isinstance(m.get("d_model"), int):
+            return "config.model needs a mixer name and an integer d_model"
+        train = d.get("train")
+        if not isinstance(train, list) or not train or not all(
+                isinstance(s, dict) and isinstance(s.get("seq_len"), int) and isinstance(s.get("num_kv_pairs"), int)
+                for s in train):
+            return "config.data.train needs slices with integer seq_len and num_kv_pairs"
+        if not _number(c["optim"].get("lr")):
+            return "config.optim.lr is not a number"
+        if complete:
+            acc = rec.get("accuracy")
+            if not isinstance(acc, dict) or not acc or not all(_number(v) for v in acc.values()):
+                return "a complete record needs accuracy: {slice: number}"
+            if not _number(rec.get("mean_accuracy")):
+                return "a complete record needs a numeric mean_accuracy"
+    elif kind == "eval" and complete:
+        scores = rec.get("scores")
+        if not isinstance(scores, dict) or not all(_number(v) for v in scores.values()):
+            return "a complete eval record needs scores: {task: number}"
+    elif kind == "bench":
+        timings = rec.get("timings")
+        if not isinstance(timings, list) or not all(
+                isinstance(t, dict) and isinstance(t.get("name"), str) and _number(t.get("seq_len"))
+                for t in timings):
+            return "a bench record needs timings: [{name, seq_len, ms, ...}]"
+    return None
+
+
+def read_record(path: str | os.PathLike) -> Optional[Dict[str, Any]]:
+    """The record at `path`, None when there is none; raises RecordError naming the file when it cannot be
+    parsed (a truncated file) or is not a valid record."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise RecordError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        rec = json.loads(text)
+    except ValueError as exc:
+        raise RecordError(f"{path}: not valid JSON ({exc})") from None
+    reason = problem(rec)
+    if reason:
+        raise RecordError(f"{path}: {reason}")
+    return rec
+
+
+def set_aside(path: str | os.PathLike, reason: str) -> Optional[Path]:
+    """Move a bad record to `runs/invalid/` beside a `.reason` file, never deleting it; return where it
+    went (None if another process moved it first)."""
+    path = Path(path)
+    dest = path.parent / INVALID / path.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(path, dest)
+    except FileNotFoundError:
+        return None
+    files.write_text(dest.with_name(dest.name + ".reason"), reason + "\n")
+    log.warning("invalid record %s, moved to %s", reason, dest)
+    return dest
 
 
 def load_record(path: str | os.PathLike) -> Optional[Dict[str, Any]]:
-    """The record at `path`, or None if there is none or it cannot be parsed."""
+    """The valid record at `path`, or None: none exists, or it was invalid and has been set aside (so the
+    run counts as not done and is run again)."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return read_record(path)
+    except RecordError as exc:
+        set_aside(path, str(exc))
         return None
 
 
@@ -90,9 +206,19 @@ def is_complete(path: str | os.PathLike) -> bool:
 
 
 def load_records(root: str | os.PathLike) -> List[Dict[str, Any]]:
-    """Every record under `root` (any depth of `runs/` folders), sorted by run_id."""
+    """Every valid record under `root` (any depth of `runs/` folders), sorted by run_id; invalid ones are
+    set aside (see `invalid_records`)."""
     recs = [load_record(p) for p in Path(root).rglob("runs/*.json")]
-    return sorted((r for r in recs if r is not None), key=lambda r: r.get("run_id", ""))
+    return sorted((r for r in recs if r is not None), key=lambda r: r["run_id"])
+
+
+def invalid_records(root: str | os.PathLike) -> List[Dict[str, str]]:
+    """Every record set aside under `root`: its path and why."""
+    out = []
+    for p in sorted(Path(root).rglob(f"runs/{INVALID}/*.json")):
+        reason = p.with_name(p.name + ".reason")
+        out.append({"path": str(p), "reason": reason.read_text().strip() if reason.exists() else "invalid"})
+    return out
 
 
 def now() -> str:

@@ -57,7 +57,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import pandas as pd
 
-from mom_bench import records
+from mom_bench import files, records
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class Results:
     bench: pd.DataFrame   # one row per timing of a benchmark record (empty if there is none)
     scores: pd.DataFrame  # one row per (record, task) score (empty if there is none)
     failed: pd.DataFrame  # every record whose status is not complete, any kind: kind, run_id, reason
+    invalid: pd.DataFrame  # every record set aside as invalid (records.set_aside): path, reason
 
 
 # ----------------------------------------------------------------------------------------------- tables
@@ -95,13 +96,7 @@ def slice_columns(df: pd.DataFrame) -> List[str]:
 
 
 def _kind(rec: Dict[str, Any]) -> str:
-    if rec.get("kind") in (None, "mqar") and "config" in rec and "scores" not in rec:
-        return "mqar"
-    if rec.get("kind") == "bench" or "timings" in rec:
-        return "bench"
-    if rec.get("scores") is not None:
-        return "eval"
-    return str(rec.get("kind"))
+    return rec.get("kind", "mqar")  # records.problem has checked it; MQAR records once carried none
 
 
 def _labels(models: Sequence[Dict[str, Any]]) -> List[str]:
@@ -227,14 +222,15 @@ def load(root: str | os.PathLike) -> Results:
     """Read every record under `root`; raise NoRecords when there is none."""
     root = Path(root)
     recs = records.load_records(root) if root.is_dir() else []
-    if not recs:
+    if not recs and not (root.is_dir() and records.invalid_records(root)):
         raise NoRecords(f"no run records under {root} (looked for runs/*.json at any depth)")
     runs = runs_frame(recs)
     failed = pd.DataFrame([{"kind": _kind(r), "run_id": r.get("run_id"), "reason": r.get("reason")}
                            for r in recs if r.get("status", "complete") != "complete"],
                           columns=["kind", "run_id", "reason"])
+    invalid = pd.DataFrame(records.invalid_records(root), columns=["path", "reason"])
     return Results(root=root, runs=runs, best=best_table(runs) if len(runs) else pd.DataFrame(columns=KEY),
-                   bench=bench_frame(recs), scores=scores_frame(recs), failed=failed)
+                   bench=bench_frame(recs), scores=scores_frame(recs), failed=failed, invalid=invalid)
 
 
 # --------------------------------------------------------------------------------------- table writing
@@ -299,6 +295,9 @@ def markdown(res: Results) -> str:
         # One line each: reasons such as CUDA out-of-memory messages span several lines.
         lines += ["## Failed runs", ""] + [f"- `{r.run_id}`: {' '.join(str(r.reason).split())[:300]}"
                                            for r in failed.itertuples()] + [""]
+    if len(res.invalid):
+        lines += ["## Invalid records", "", "Set aside (moved, not deleted) and not counted; a sweep runs "
+                  "their points again.", ""] + [f"- `{r.path}`: {r.reason}" for r in res.invalid.itertuples()] + [""]
     return "\n".join(lines)
 
 
@@ -506,7 +505,8 @@ def plot_task_scores(scores: pd.DataFrame):
     for i, label in enumerate(table.columns):
         xs = [j + (i - (len(table.columns) - 1) / 2) * width for j in range(len(table.index))]
         ax.bar(xs, table[label].fillna(0), width=width, color=colors[label], label=label)
-    ax.set_xticks(range(len(table.index)), list(table.index))
+    # Task names (jrt_swde_twice, ...) are long: slanted, they do not run into each other.
+    ax.set_xticks(range(len(table.index)), list(table.index), rotation=30, ha="right", rotation_mode="anchor")
     ax.set_ylabel("score")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3, axis="y")
@@ -529,6 +529,10 @@ class FigureSpec:
 
     def draw(self, res: Results):
         return globals()[self.function](getattr(res, self.table), **self.kwargs)
+
+    def caption(self) -> str:
+        """The first paragraph of the figure function's docstring, as one line."""
+        return " ".join(globals()[self.function].__doc__.split("\n\n")[0].split())
 
 
 def figure_specs(res: Results) -> List[FigureSpec]:
@@ -579,10 +583,11 @@ def notebook(res: Results, out: Path) -> Dict[str, Any]:
         cell("code", "res.best"),
     ]
     for spec in figure_specs(res):
-        cells += [cell("markdown", f"## {spec.stem}\n\n{globals()[spec.function].__doc__.split(chr(10))[0]}"),
-                  cell("code", spec.call())]
+        cells += [cell("markdown", f"## {spec.stem}\n\n{spec.caption()}"), cell("code", spec.call())]
     if len(res.failed):
         cells += [cell("markdown", "## Failed runs"), cell("code", "res.failed")]
+    if len(res.invalid):
+        cells += [cell("markdown", "## Invalid records (set aside, not counted)"), cell("code", "res.invalid")]
     cells += [cell("markdown", "## Every run"), cell("code", "res.runs")]
     return {"nbformat": 4, "nbformat_minor": 5, "cells": cells,
             "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
@@ -632,24 +637,38 @@ def write_notebook(res: Results, out: Path, execute: bool = True) -> List[Path]:
 
 
 # ------------------------------------------------------------------------------------------ the report
-def write_report(root: str | os.PathLike, out: Optional[str | os.PathLike] = None, execute: bool = True,
-                 raise_notebook_errors: bool = True) -> List[Path]:
+class ReportError(RuntimeError):
+    """The report could not be written completely; the message says what is missing."""
+
+
+def write_report(root: str | os.PathLike, out: Optional[str | os.PathLike] = None,
+                 execute: bool = True) -> List[Path]:
     """Write tables, figures and the notebook of every record under `root` into `out` (default
-    `<root>/report`); return the written paths. Raises NoRecords when `root` holds no record. Tables and
-    figures are written before the notebook runs; with `raise_notebook_errors=False` a notebook that fails
-    to execute is logged as an error instead of raised (the sweep callback: the records stay good)."""
+    `<root>/report`); return the written paths. Raises NoRecords when `root` holds no record.
+
+    The report is built in a temporary folder beside `out` and renamed into place, so `out` always holds
+    one whole report: the previous one if this one could not be written (a full disk), never a mix. A
+    notebook that fails to execute is kept unexecuted and raises ReportError once the rest is in place."""
     res = load(root)
     out = Path(out) if out is not None else Path(root) / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / "figures", ignore_errors=True)  # no stale figure of a sweep no longer there
-    paths = write_tables(res, out) + write_figures(res, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = files.temp_dir(out.parent, out.name)
     try:
-        return paths + write_notebook(res, out, execute=execute)
-    except Exception as exc:  # noqa: BLE001 -- only when asked not to raise
-        if raise_notebook_errors:
-            raise
-        log.error("report notebook failed to execute, tables and figures are written: %s", exc)
-        return paths
+        written = write_tables(res, tmp) + write_figures(res, tmp)
+        try:
+            written += write_notebook(res, tmp, execute=execute)
+            error = None
+        except Exception as exc:  # noqa: BLE001 -- the tables and figures are still good: keep them
+            written += write_notebook(res, tmp, execute=False)
+            error = exc
+        files.replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if error is not None:
+        raise ReportError(f"the report notebook failed to execute ({type(error).__name__}: {error}); tables, "
+                          f"figures and the unexecuted notebook are in {out}") from error
+    return [out / p.relative_to(tmp) for p in written]
 
 
 def main(argv: List[str]) -> int:
@@ -664,7 +683,7 @@ def main(argv: List[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         paths = write_report(args.root, args.out, execute=not args.no_execute)
-    except NoRecords as exc:
+    except (NoRecords, ReportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"report written to {paths[0].parent}:")

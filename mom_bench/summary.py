@@ -6,47 +6,33 @@ Everything is built by `mom_bench.report` (one table-building path): the full re
 its HTML export); its table.csv and table.md and its accuracy-against-d_model figure are copied up into
 `<results_dir>`. The table keeps, per (model, d_model, train slices), the learning rate with the best mean
 test accuracy, as the Zoology and Based papers report; failed runs stay visible (see mom_bench.report).
+Every sweep ends here (mom_bench.sweep); `python -m mom_bench table` runs it again.
 """
 from __future__ import annotations
 
-import logging
-import shutil
 import sys
 from pathlib import Path
-from typing import Any, List
+from typing import List
 
-from hydra.experimental.callback import Callback
-
-from mom_bench import report
-
-log = logging.getLogger(__name__)
+from mom_bench import files, report
 
 
-def summarize(results_dir: str | Path, execute: bool = True, raise_notebook_errors: bool = True) -> Path:
+def summarize(results_dir: str | Path, execute: bool = True) -> Path:
     """Write `<results_dir>/report/` and the table.csv, table.md and accuracy.png copies; return the path
-    of table.md. Raises report.NoRecords (a FileNotFoundError) when there is no run record."""
+    of table.md. Raises report.NoRecords (a FileNotFoundError) when there is no run record, and
+    report.ReportError when the notebook failed (after the tables, figures and copies are written)."""
     results_dir = Path(results_dir)
     out = results_dir / "report"
     try:
-        report.write_report(results_dir, out, execute=execute, raise_notebook_errors=raise_notebook_errors)
-    finally:  # the tables and figures are written before the notebook runs: copy them even if it failed
+        report.write_report(results_dir, out, execute=execute)
+    finally:  # a notebook that failed leaves good tables and figures: copy them up all the same
         for name in ("table.csv", "table.md"):
             if (out / name).exists():
-                shutil.copyfile(out / name, results_dir / name)
+                files.copy(out / name, results_dir / name)
         figures = sorted((out / "figures").glob("accuracy_vs_d_model_*.png"))
         if figures:
-            shutil.copyfile(figures[0], results_dir / "accuracy.png")
+            files.copy(figures[0], results_dir / "accuracy.png")
     return results_dir / "table.md"
-
-
-class SummaryCallback(Callback):
-    """Hydra callback (see conf/sweep/*.yaml): report on the sweep's results_dir once all jobs returned."""
-
-    def on_multirun_end(self, config, **kwargs: Any) -> None:
-        from hydra.utils import to_absolute_path
-
-        md = summarize(to_absolute_path(config.results_dir), raise_notebook_errors=False)
-        log.info("summary written to %s, report in %s", md, md.parent / "report")
 
 
 def main(argv: List[str]) -> int:
@@ -56,7 +42,7 @@ def main(argv: List[str]) -> int:
         return 2
     try:
         md = summarize(argv[0])
-    except report.NoRecords as exc:
+    except (report.NoRecords, report.ReportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(md.read_text())

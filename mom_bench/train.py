@@ -3,16 +3,18 @@
 The Zoology protocol (mqar.md): AdamW, cosine schedule to 0, evaluation on every test slice after each
 epoch, early stop once the mean accuracy exceeds ``optim.early_stop``. A run never raises for a training
 failure: a non-finite loss, an out-of-memory error or a bug in a mixer is written into the run's record as
-``failed`` so that the other points of a sweep still run. Only an invalid config raises (ConfigError).
+``failed`` so that the other points of a sweep still run. Only an invalid config (ConfigError) or a results
+folder that cannot be written (records.RecordError) raises, before any work.
 """
 from __future__ import annotations
 
 import logging
 import math
+import platform
 import random
 import time
 import traceback
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -20,8 +22,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from mom_bench import records
-from mom_bench.config import ConfigError, RunConfig, validate
+from mom_bench import claims, records
+from mom_bench.config import ConfigError, RunConfig, merge_checked, validate
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +37,42 @@ class NonFiniteLoss(RuntimeError):
 def train(cfg: Any) -> Dict[str, Any]:
     """Run one training run unless a complete record of it exists; return its record.
 
-    `cfg` is a RunConfig, or a dict or DictConfig (Hydra's), which is type-checked against RunConfig."""
-    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
-    config = OmegaConf.to_container(merged, resolve=True)
-    cfg = OmegaConf.to_object(merged)
-    validate(cfg)
+    `cfg` is a RunConfig, or a dict or DictConfig (Hydra's), which is type-checked against RunConfig. A run
+    that another process is training (its claim is live, mom_bench.claims) is not started: the returned
+    record has status "running" and is not written."""
+    config, cfg = load_config(cfg)
     rid = records.run_id(config)
-    path = records.record_path(cfg.results_dir, rid)
+    path = records.record_path(records.check_writable(cfg.results_dir).parent, rid)
     if records.is_complete(path):
         log.info("skip %s: complete record exists at %s", rid, path)
         return records.load_record(path)
+    claim = claims.claim(path)
+    if claim is None:
+        holder = claims.holder(path)
+        log.warning("skip %s: another process is training it (%s)", rid, holder)
+        return {"run_id": rid, "status": "running", "reason": f"claimed by {holder}", "config": config}
+    with claim:
+        if records.is_complete(path):  # finished by another process between the check and the claim
+            return records.load_record(path)
+        record = _attempt(cfg, config, rid)
+        _write(path, record)
+    return record
 
-    record: Dict[str, Any] = {"run_id": rid, "status": "failed", "reason": None, "config": config,
-                              "started_at": records.now()}
+
+def load_config(cfg: Any) -> Tuple[Dict[str, Any], RunConfig]:
+    """(resolved config as a dict, RunConfig) of a RunConfig, dict or DictConfig, checked: unknown keys
+    (`+optim.learning_rate=...`) and invalid values raise ConfigError."""
+    merged = merge_checked(RunConfig, cfg)
+    config = OmegaConf.to_container(merged, resolve=True)
+    cfg = OmegaConf.to_object(merged)
+    validate(cfg)
+    return config, cfg
+
+
+def _attempt(cfg: RunConfig, config: Dict[str, Any], rid: str) -> Dict[str, Any]:
+    """The record of one training attempt: complete, or failed with the reason."""
+    record: Dict[str, Any] = {"kind": "mqar", "run_id": rid, "status": "failed", "reason": None,
+                              "config": config, "started_at": records.now()}
     start = time.perf_counter()
     try:
         _run(cfg, record)
@@ -60,16 +85,30 @@ def train(cfg: Any) -> Dict[str, Any]:
         log.error("%s failed: %s", rid, record["reason"])
     record["wall_time_s"] = round(time.perf_counter() - start, 3)
     record["ended_at"] = records.now()
-    records.write_record(path, record)
     if record["status"] == "complete":
-        log.info("%s: mean accuracy %.3f (epoch %d of %d), %.0f s", rid, record["mean_accuracy"],
-                 record["best_epoch"], record["epochs_run"], record["wall_time_s"])
+        log.info("%s: mean accuracy %.3f (best epoch %d; %d of %d epochs run), %.0f s", rid,
+                 record["mean_accuracy"], record["best_epoch"], record["epochs_run"], cfg.optim.epochs,
+                 record["wall_time_s"])
     return record
 
 
+def _write(path, record: Dict[str, Any]) -> None:
+    """Write the record; if its folder cannot take it any more (a full disk), write it to a fallback path
+    and say where, so that the hours of training are not lost."""
+    try:
+        records.write_record(path, record)
+    except OSError as exc:
+        fallback = records.fallback_path(record["run_id"])
+        records.write_record(fallback, record)
+        record["record_path"] = str(fallback)
+        log.error("could not write %s (%s); the record is at %s", path, exc, fallback)
+
+
 def _device(choice: str) -> torch.device:
+    # Checked here, not in validate: a sweep's main process (a Slurm login node) may have no GPU where
+    # its runs will have one.
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but CUDA is not available")
+        raise RuntimeError(f"device=cuda but CUDA is not available on {platform.node()}")
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(choice)

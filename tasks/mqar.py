@@ -136,6 +136,18 @@ def build_mqar(data_cfg) -> Tuple[List[MQARSlice], List[MQARSlice]]:
     Train slice i uses seed train_seed + i, test slice j test_seed + j; the two seed sets must be disjoint so
     that no test segment repeats a train segment's random stream.
     """
+    segments = check_mqar_data(data_cfg)
+    out = {"train": [], "test": []}
+    for split, _, s, seed in segments:
+        x, y = mqar(data_cfg.vocab_size, s.seq_len, s.num_kv_pairs, s.num_examples, seed,
+                    power_a=data_cfg.power_a, random_non_queries=bool(data_cfg.random_non_queries))
+        out[split].append(MQARSlice(int(s.seq_len), int(s.num_kv_pairs), x, y))
+    return out["train"], out["test"]
+
+
+def check_mqar_data(data_cfg) -> List[tuple]:
+    """Raise ConfigError naming the slice if any slice of a DataConfig cannot be generated; else return
+    its (split, index, slice, seed) segments. Part of config validation: nothing is generated here."""
     segments = [("train", i, s, data_cfg.train_seed + i) for i, s in enumerate(data_cfg.train)]
     segments += [("test", j, s, data_cfg.test_seed + j) for j, s in enumerate(data_cfg.test)]
     train_seeds = {seed for split, _, _, seed in segments if split == "train"}
@@ -151,12 +163,7 @@ def build_mqar(data_cfg) -> Tuple[List[MQARSlice], List[MQARSlice]]:
                               data_cfg.power_a)
         except ConfigError as e:
             raise ConfigError(f"data.{split}[{i}]: {e}") from None
-    out = {"train": [], "test": []}
-    for split, _, s, seed in segments:
-        x, y = mqar(data_cfg.vocab_size, s.seq_len, s.num_kv_pairs, s.num_examples, seed,
-                    power_a=data_cfg.power_a, random_non_queries=bool(data_cfg.random_non_queries))
-        out[split].append(MQARSlice(int(s.seq_len), int(s.num_kv_pairs), x, y))
-    return out["train"], out["test"]
+    return segments
 
 
 def accuracy(logits_or_preds: torch.Tensor, targets: torch.Tensor) -> Tuple[int, int]:

@@ -29,7 +29,9 @@ def test_sweep_writes_table_and_plot(tmp_path):
     results = tmp_path / "results"
     out = cli("sweep", "model=attention,gated_deltanet", "optim.lr=0.003,1e30", f"results_dir={results}",
               *TINY, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
+    # Two points failed: the sweep says which and exits 1, after writing the table and report.
+    assert out.returncode == 1, out.stderr
+    assert "2 of 4 points complete" in out.stderr and out.stderr.count("optim.lr=1e+30: failed: loss became") == 2
     assert len(list((results / "runs").glob("*.json"))) == 4
     rows = list(csv.DictReader((results / "table.csv").open()))
     assert sorted(r["model"] for r in rows) == ["attention", "gated_deltanet"]

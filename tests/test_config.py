@@ -110,7 +110,7 @@ def test_data_files_follow_the_protocol():
 def sweep_grid(name):
     cfg = composed(f"sweep={name}", hydra=True)
     assert cfg.hydra.mode == RunMode.MULTIRUN
-    assert cfg.hydra.callbacks.summary._target_ == "mom_bench.summary.SummaryCallback"
+    assert cfg.hydra.callbacks.sweep._target_ == "mom_bench.sweep.SweepCallback"
     return cfg, {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
 
 

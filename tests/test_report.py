@@ -199,13 +199,11 @@ def test_notebook_executes_and_exports_html(root):
     assert "loss became nan at step 3" in html  # the failed runs' table
 
 
-def test_sweep_callback_writes_the_report_and_the_summary_copies(root):
-    from omegaconf import OmegaConf
-
-    from mom_bench.summary import SummaryCallback
+def test_summary_writes_the_report_and_the_summary_copies(root):
+    from mom_bench.summary import summarize
 
     results = root / "zoo"
-    SummaryCallback().on_multirun_end(OmegaConf.create({"results_dir": str(results)}))
+    summarize(results)
     rep = results / "report"
     assert {"table.csv", "table.md", "table.tex", "runs.csv", "report.ipynb"} <= {p.name for p in rep.iterdir()}
     if importlib.util.find_spec("nbclient"):  # executed, not only written
@@ -218,19 +216,21 @@ def test_sweep_callback_writes_the_report_and_the_summary_copies(root):
     assert len(best) == 4 and float(pick(best, model="attention", d_model=64)["lr"]) == 1e-3
 
 
-def test_a_failing_notebook_does_not_fail_the_sweep(root, monkeypatch, caplog):
-    from omegaconf import OmegaConf
+def test_a_failing_notebook_keeps_the_tables_and_says_so(root, monkeypatch):
+    from mom_bench.summary import summarize
 
-    from mom_bench.summary import SummaryCallback
+    real = report.write_notebook
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("kernel died")
+    def broken(res, out, execute=True):
+        if execute:
+            raise RuntimeError("kernel died")
+        return real(res, out, execute=False)
 
     monkeypatch.setattr(report, "write_notebook", broken)
-    SummaryCallback().on_multirun_end(OmegaConf.create({"results_dir": str(root / "zoo")}))
-    assert "kernel died" in caplog.text and (root / "zoo" / "table.md").exists()
-    with pytest.raises(RuntimeError, match="kernel died"):  # `report` itself says so
-        report.write_report(root, root / "rep")
+    with pytest.raises(report.ReportError, match="kernel died"):
+        summarize(root / "zoo")
+    assert (root / "zoo" / "table.md").exists() and (root / "zoo" / "report" / "report.ipynb").exists()
+    assert report.main([str(root), "--out", str(root / "rep")]) == 1  # `report` fails too
 
 
 def test_empty_root_is_refused(tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mom_bench.models
-from mom_bench import records, train as T
+from mom_bench import files, records, train as T
 from mom_bench.config import ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, SliceConfig
 
 
@@ -130,16 +130,16 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     path = records.record_path(tmp_path, "run")
-    records.write_record(path, {"status": "complete", "n": 1})
+    first = {"run_id": "run", "status": "failed", "kind": "eval", "n": 1}
+    records.write_record(path, first)
 
-    def dies_midway(obj, f, **kw):
-        f.write('{"status": "compl')
-        raise KeyboardInterrupt
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(records.json, "dump", dies_midway)
-    with pytest.raises(KeyboardInterrupt):
-        records.write_record(path, {"status": "complete", "n": 2})
+    monkeypatch.setattr(files.os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        records.write_record(path, {**first, "n": 2})
     monkeypatch.undo()
-    assert records.load_record(path) == {"status": "complete", "n": 1}
+    assert records.load_record(path) == first
     assert [p.name for p in path.parent.iterdir()] == ["run.json"]
-    assert records.load_records(tmp_path) == [{"status": "complete", "n": 1}]
+    assert records.load_records(tmp_path) == [first]
