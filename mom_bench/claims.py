@@ -5,12 +5,11 @@ The lock is created with O_EXCL (atomic on local file systems and on NFS v3+) an
 host, pid and start time; a thread touches it every HEARTBEAT_S seconds while the run lives. A claim is
 stale, and is taken over, when its heartbeat is older than STALE_S or when its process is gone on this
 host. The same thread ends a worker whose sweep process died (`kill -9` of the parent leaves joblib's
-workers running): it interrupts the run, which releases its claim, so a restarted sweep trains the point
-again instead of racing an orphan.
+workers running): it releases the claim and exits, so a restarted sweep trains the point again instead
+of racing an orphan.
 """
 from __future__ import annotations
 
-import _thread
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ HEARTBEAT_S = 10.0
 STALE_S = 120.0  # twelve missed heartbeats: a host under load or a slow file system still keeps its claim
 # Set by the sweep's main process to "host:pid" for the workers it starts (mom_bench.sweep).
 PARENT_ENV = "MOM_BENCH_SWEEP_PARENT"
+EXIT_ORPHANED = 70
 
 
 def _alive(pid: int) -> bool:
@@ -75,9 +75,11 @@ class Claim:
             except OSError:
                 pass  # the next beat tries again; a claim that stays untouched is taken over
             if parent is not None and not _alive(parent):
-                log.error("the sweep process (pid %d) is gone: stopping this run", parent)
-                _thread.interrupt_main()  # KeyboardInterrupt in the run: its claim is released
-                return
+                # joblib's workers ignore SIGINT, so the run cannot be interrupted: end the process. Its
+                # record is not written (records are atomic), and the claim goes with it.
+                log.error("the sweep process (pid %d) is gone: ending this worker", parent)
+                self.release()
+                os._exit(EXIT_ORPHANED)
 
     def release(self) -> None:
         self._stop.set()
