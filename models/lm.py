@@ -54,14 +54,19 @@ class LanguageModel(nn.Module):
         self.blocks = nn.ModuleList(Block(d_model, m, mlp_factory() if mlp_factory else None) for m in mixers)
         self.norm = RMSNorm(d_model)
 
-    def forward(self, input_ids: Tensor) -> Tuple[Tensor, Tensor]:
-        """Logits (B, T, V) and the summed auxiliary loss of the layers (0 without MoM layers)."""
+    def forward(self, input_ids: Tensor, positions: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Logits (B, T, V) and the summed auxiliary loss of the layers (0 without MoM layers).
+
+        `positions` (B, P), indices along T, asks for the logits there only: (B, P, V). MQAR supervises n
+        of L positions, and the head and the loss over all L were most of a step's memory and time."""
         x = self.drop(self.embed(input_ids))
         aux = torch.zeros((), device=x.device)
         for block in self.blocks:
             x, a = block(x)
             if a is not None:
                 aux = aux + a
+        if positions is not None:
+            x = x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return self.norm(x) @ self.embed.weight.T, aux  # tied head
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> List[object]:

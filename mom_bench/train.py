@@ -139,6 +139,15 @@ def _batches(slices, batch_size: int, gen: torch.Generator) -> List[tuple]:
     return [out[k] for k in order]
 
 
+def supervised(s, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A slice on `device` as (inputs, query positions, targets at those positions): the model computes
+    logits only where the loss and the accuracy look."""
+    from mom_bench.tasks.mqar import query_positions
+
+    positions = query_positions(s.targets)
+    return s.inputs.to(device), positions.to(device), s.targets.gather(1, positions).to(device)
+
+
 @torch.no_grad()
 def evaluate(model, slices, batch_size: int, device: torch.device) -> Dict[str, float]:
     """Accuracy per test slice, counted only where the target is not -100."""
@@ -147,12 +156,12 @@ def evaluate(model, slices, batch_size: int, device: torch.device) -> Dict[str, 
     model.eval()
     result = {}
     for s in slices:
+        inputs, positions, targets = supervised(s, device)
         correct = total = 0
-        for j in range(0, len(s.inputs), batch_size):
-            x = s.inputs[j:j + batch_size].to(device)
+        for j in range(0, len(inputs), batch_size):
             with _autocast(device):
-                logits, _ = model(x)
-            c, t = accuracy(logits.float(), s.targets[j:j + batch_size].to(device))
+                logits, _ = model(inputs[j:j + batch_size], positions[j:j + batch_size])
+            c, t = accuracy(logits.float(), targets[j:j + batch_size])
             correct, total = correct + int(c), total + int(t)
         result[s.name] = correct / max(total, 1)
     model.train()
@@ -189,7 +198,7 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: _lr_factor(k, o.warmup_steps, total))
     log_every = max(1, total // LOSS_POINTS)
     # The data is small next to GPU memory: move it once instead of copying every batch.
-    data = [(s.inputs.to(device), s.targets.to(device)) for s in train_slices]
+    data = [supervised(s, device) for s in train_slices]
 
     curve: List[List[float]] = []
     window: List[torch.Tensor] = []  # losses since the last check, kept on the device (no sync per step)
@@ -213,10 +222,10 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
     for epoch in range(1, o.epochs + 1):
         t0 = time.perf_counter()
         for i, idx in _batches(train_slices, cfg.data.batch_size, gen):
-            x, y = data[i][0][idx.to(device)], data[i][1][idx.to(device)]
+            x, positions, y = (t[idx.to(device)] for t in data[i])
             with _autocast(device):
-                logits, aux = model(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100) + aux
+                logits, aux = model(x, positions)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) + aux
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if o.grad_clip > 0:

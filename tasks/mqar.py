@@ -166,6 +166,17 @@ def check_mqar_data(data_cfg) -> List[tuple]:
     return segments
 
 
+def query_positions(targets: torch.Tensor) -> torch.Tensor:
+    """(N, n) indices of the supervised positions of each row of MQAR targets (N, L): every row has its n
+    queries, so a batch can gather them without a host sync (a boolean mask would need one)."""
+    mask = targets != IGNORE_INDEX
+    counts = mask.sum(1)
+    if len(counts) and counts.min() != counts.max():
+        raise ValueError(f"rows have {int(counts.min())} to {int(counts.max())} supervised positions; "
+                         "query_positions needs the same number in every row")
+    return mask.nonzero()[:, 1].view(len(targets), -1)
+
+
 def accuracy(logits_or_preds: torch.Tensor, targets: torch.Tensor) -> Tuple[int, int]:
     """(correct, total) over positions whose target is not -100; accepts logits (N, L, V) or preds (N, L)."""
     preds = logits_or_preds

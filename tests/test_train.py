@@ -75,9 +75,9 @@ def test_nan_loss_fails_the_run_and_the_next_run_still_completes(tmp_path, monke
             super().__init__()
             self.inner, self.calls = inner, 0
 
-        def forward(self, ids):
+        def forward(self, ids, positions=None):
             self.calls += 1
-            logits, aux = self.inner(ids)
+            logits, aux = self.inner(ids, positions)
             return (logits * float("nan") if self.calls >= 3 else logits), aux
 
         def state_size(self, seq_len):
@@ -143,3 +143,20 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert records.load_record(path) == first
     assert [p.name for p in path.parent.iterdir()] == ["run.json"]
     assert records.load_records(tmp_path) == [first]
+
+
+def test_logits_only_at_the_query_positions_give_the_full_loss_and_accuracy():
+    from mom_bench.models import build_model
+    from mom_bench.tasks.mqar import accuracy, mqar
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(mixer="gla", d_model=16, chunk_size=8, embed_dropout=0.0), 64).eval()
+    x, y = mqar(64, 32, 4, 6, seed=3, random_non_queries=True)
+    full, _ = model(x)
+    inputs, positions, targets = T.supervised(type("S", (), {"inputs": x, "targets": y})(), torch.device("cpu"))
+    picked, _ = model(inputs, positions)
+    assert picked.shape == (6, 4, 64) and (targets != -100).all()
+    torch.testing.assert_close(picked, full.gather(1, positions[..., None].expand(-1, -1, 64)))
+    want = torch.nn.functional.cross_entropy(full.flatten(0, 1), y.flatten(), ignore_index=-100)
+    torch.testing.assert_close(torch.nn.functional.cross_entropy(picked.flatten(0, 1), targets.flatten()), want)
+    assert accuracy(picked, targets) == accuracy(full, y)

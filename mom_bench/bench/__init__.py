@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import signal
 import sys
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from mom_bench import records
 
 from .cases import SUITES, Case, Contender, Fn, build_cases, fla_version
 
@@ -245,9 +246,7 @@ def write(out: Path, cases: List[Case], hw: dict, command: str, seconds: float, 
     run_id = f"bench-{hw['device_name'].replace(' ', '_')}-{hw['started']}"
     record = dict(kind="bench", run_id=run_id, status="complete" if complete else "running", reason=None,
                   hardware=hw, command=command, seconds=seconds, timings=[r for r in rows if r["ms"] is not None])
-    tmp = out / "runs" / f"{run_id}.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(out / "runs" / f"{run_id}.json")
+    records.write_record(records.record_path(out, run_id), record)
     return text
 
 
