@@ -8,7 +8,10 @@
 
 Loading builds the model from config.json with `mom_bench.models.build_model` and reads tensors with
 safetensors: nothing is unpickled and no code is imported from the checkpoint, so a checkpoint from an
-untrusted source can at worst hold wrong numbers.
+untrusted source can at worst hold wrong numbers. Before the model is built, config.json is checked
+against the tensor names and shapes in the header of model.safetensors (the expected shapes come from
+the model built on the meta device), so a config.json that does not fit its weights (a vocabulary of
+16 million, another d_model) fails with the tensors it gets wrong instead of allocating its model first.
 
 A checkpoint is written into a hidden temporary folder beside its destination and renamed into place,
 so a run killed mid-save leaves the previous checkpoint or none, never half of one.
@@ -190,6 +193,10 @@ def read_config(path: str | os.PathLike) -> Dict[str, Any]:
     for key in ("model", "vocab_size"):
         if key not in meta:
             raise CheckpointError(f"{file} lacks {key!r}; the checkpoint is corrupt")
+    vocab = meta["vocab_size"]
+    # JSON has one kind of number (1e9 arrives as a float), and to Python a bool is an int
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise CheckpointError(f"{file} has vocab_size {vocab!r}; it must be a positive integer")
     return meta
 
 
@@ -213,13 +220,63 @@ def _read_tensors(file: Path) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"{file} cannot be read ({exc}); the checkpoint is corrupt") from None
 
 
-def load_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
+def _header_shapes(file: Path) -> Dict[str, Tuple[int, ...]]:
+    """The name and shape of every tensor of a safetensors file, from its header: no tensor is read."""
+    from safetensors import SafetensorError, safe_open
+
+    if not file.exists():
+        raise CheckpointError(f"{file} is missing: the checkpoint is incomplete")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} cannot be read ({exc}); the checkpoint is corrupt") from None
+
+
+def _differences(expected: Dict[str, Tuple[int, ...]], found: Dict[str, Tuple[int, ...]], show: int = 3) -> str:
+    """The first few tensors whose shape differs, that are missing or unexpected; '' if none."""
+    wrong = [f"{k}: expected {list(expected[k])}, found {list(found[k])}"
+             for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    parts = []
+    for what, items in (("wrong shape", wrong), ("missing", [k for k in expected if k not in found]),
+                        ("unexpected", [k for k in found if k not in expected])):
+        if items:
+            more = f" (and {len(items) - show} more)" if len(items) > show else ""
+            parts.append(f"{what}: {'; '.join(items[:show])}{more}")
+    return ". ".join(parts)
+
+
+def check_weights(path: str | os.PathLike, model: torch.nn.Module, model_of: str = "the model") -> None:
+    """Raise CheckpointError unless model.safetensors holds exactly the tensors of `model`'s state dict,
+    with their shapes. Only the file's header is read, and `model` may be on the meta device, so nothing
+    of the checkpoint's or the model's size is allocated."""
+    file = Path(path) / WEIGHTS
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    differences = _differences(expected, _header_shapes(file))
+    if differences:
+        raise CheckpointError(f"{file} does not fit {model_of}: {differences}")
+
+
+def load_weights(path: str | os.PathLike, model: torch.nn.Module, model_of: str = "the model") -> None:
+    check_weights(path, model, model_of)  # before the tensors are read
     file = Path(path) / WEIGHTS
     weights = _read_tensors(file)
     try:
         model.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:  # missing / unexpected keys or wrong shapes
-        raise CheckpointError(f"{file} does not fit the model of its config.json: {exc}") from None
+    except RuntimeError as exc:  # anything the header check cannot see
+        raise CheckpointError(f"{file} does not fit {model_of}: {exc}") from None
+
+
+def _shape_model(path: Path, cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
+    """The model of config.json on the meta device: every name and shape of its state dict, no memory."""
+    from mom_bench.models import build_model
+
+    # On the meta device a RuntimeError is a bad size (negative, overflowing), never a lack of memory.
+    try:
+        with torch.device("meta"):
+            return build_model(cfg, vocab_size)
+    except (ValueError, TypeError, RuntimeError, ArithmeticError) as exc:
+        raise CheckpointError(f"{path / CONFIG} describes no model mom_bench can build: {exc}") from None
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
@@ -230,11 +287,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     path = resolve(path)
     meta = read_config(path)
     cfg = model_config(meta)
-    try:
-        model = build_model(cfg, meta["vocab_size"])
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path / CONFIG} describes no model mom_bench can build: {exc}") from None
-    load_weights(path, model)
+    model_of = f"the model of its {CONFIG}"
+    check_weights(path, _shape_model(path, cfg, meta["vocab_size"]), model_of)
+    model = build_model(cfg, meta["vocab_size"])
+    load_weights(path, model, model_of)
     return Checkpoint(model=model.to(device).eval(), config=cfg, vocab_size=meta["vocab_size"],
                       tokenizer=meta.get("tokenizer"), metadata=meta.get("metadata") or {}, path=path)
 
@@ -245,7 +301,7 @@ def load_train_state(path: str | os.PathLike, model: torch.nn.Module,
     path = Path(path)
     read_config(path)
     saved = _read_json(path / TRAIN_STATE, f"{path} holds weights only and cannot resume training")
-    load_weights(path, model)
+    load_weights(path, model, "the model to resume")
     if optimizer is not None:
         if saved.get("optimizer") is None:
             raise CheckpointError(f"{path} was saved without optimizer state")

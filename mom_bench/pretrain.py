@@ -249,9 +249,20 @@ def pretrain(cfg: Any, on_step: Optional[Callable[[int, float], None]] = None) -
                    "throughput_tokens_per_s": round(history["tokens"] / max(history["train_time_s"], 1e-9), 1)}
         if dist.main:
             records.write_record(out / "pretrain.json", summary)
+            _log_end(summary, step, out / "pretrain.json")
         return summary
     finally:
         dist.close()
+
+
+def _log_end(summary: Dict[str, Any], start_step: int, record: Path) -> None:
+    """What the run did and where its results are (under Hydra: on the console and in its pretrain.log)."""
+    curve = summary["loss_curve"]
+    resumed = f" ({summary['steps'] - start_step} in this run)" if start_step else ""
+    log.info("pretrain done: %d steps%s, final loss %s, %s tokens/s", summary["steps"], resumed,
+             f"{curve[-1][1]:.4f}" if curve else "n/a", summary["throughput_tokens_per_s"])
+    log.info("final checkpoint: %s", summary["checkpoint"])
+    log.info("summary: %s", record)
 
 
 def _train_loop(cfg: PretrainConfig, model, optimizer, stream: PackedStream, dist: Dist, step: int,

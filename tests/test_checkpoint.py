@@ -6,7 +6,7 @@ import torch
 
 from mom_bench import checkpoint as C
 from mom_bench.config import ModelConfig
-from mom_bench.models import build_model
+from mom_bench.models import KINDS, MIXERS, build_model
 
 VOCAB = 50
 
@@ -116,10 +116,80 @@ def test_clear_errors_for_missing_and_corrupt_checkpoints(tmp_path):
         C.load_train_state(good, model, opt)
 
 
-def _edit_config(path, **model):
+def _edit_config(path, vocab_size=None, **model):
     meta = json.loads((path / "config.json").read_text())
     meta["model"].update(model)
+    if vocab_size is not None:
+        meta["vocab_size"] = vocab_size
     (path / "config.json").write_text(json.dumps(meta))
+
+
+def _peak_rss_mb():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def test_a_config_that_does_not_fit_its_weights_fails_before_the_model_is_built(tmp_path):
+    """vocab_size 16000000 would be a 1 GB embedding here: the header check refuses it first."""
+    import shutil
+    import time
+
+    cfg, model, _, _ = trained("gated_deltanet")
+    good = C.save_checkpoint(tmp_path / "good", model, cfg, vocab_size=VOCAB)
+    cases = [
+        (dict(vocab_size=16_000_000), ["embed.weight: expected [16000000, 16], found [50, 16]"]),
+        (dict(vocab_size=1_000_000_000), ["embed.weight: expected [1000000000, 16], found [50, 16]"]),
+        (dict(d_model=32), ["embed.weight: expected [50, 32], found [50, 16]", "(and "]),
+        (dict(n_layers=3), ["missing: blocks.2.norm1.weight"]),
+        (dict(n_layers=1), ["unexpected: blocks.1.", "(and 7 more)"]),
+        (dict(vocab_size=1e9), ["vocab_size 1000000000.0", "positive integer"]),
+        (dict(vocab_size="50"), ["vocab_size '50'", "positive integer"]),
+        (dict(vocab_size=0), ["vocab_size 0", "positive integer"]),
+        (dict(vocab_size=True), ["vocab_size True", "positive integer"]),
+        (dict(num_heads=0), ["describes no model"]),
+        (dict(head_dim=-1), ["describes no model"]),
+    ]
+    C.load_checkpoint(good)  # the imports of loading are not what is measured
+    for i, (edit, needles) in enumerate(cases):
+        path = tmp_path / f"bad{i}"
+        shutil.copytree(good, path)
+        _edit_config(path, **edit)
+        rss, start = _peak_rss_mb(), time.perf_counter()
+        with pytest.raises(C.CheckpointError) as caught:
+            C.load_checkpoint(path)
+        seconds, grown = time.perf_counter() - start, _peak_rss_mb() - rss
+        message = str(caught.value)
+        assert str(path) in message, (edit, message)
+        for needle in needles:
+            assert needle in message, (edit, message)
+        assert seconds < 2 and grown < 100, (edit, seconds, grown)  # MB; the old way took 1000
+
+
+def test_weights_that_do_not_fit_the_model_to_resume_are_refused_before_they_are_read(tmp_path, monkeypatch):
+    cfg, model, opt, _ = trained("gated_deltanet")
+    path = C.save_checkpoint(tmp_path / "ck", model, cfg, vocab_size=VOCAB, optimizer=opt, train_state={"step": 2})
+    other = build_model(ModelConfig(mixer="gated_deltanet", d_model=32, num_heads=2, chunk_size=8), VOCAB)
+
+    def not_read(file):
+        raise AssertionError(f"{file} was read before its header was checked")
+
+    monkeypatch.setattr(C, "_read_tensors", not_read)
+    with pytest.raises(C.CheckpointError, match=r"does not fit the model to resume: wrong shape: "
+                                                r"embed.weight: expected \[50, 32\], found \[50, 16\]"):
+        C.load_train_state(path, other, torch.optim.AdamW(other.parameters()))
+
+
+@pytest.mark.parametrize("config", [dict(mixer=m) for m in MIXERS if m != "mom"]
+                         + [dict(mixer="mom", memory=k) for k in KINDS]
+                         + [dict(mixer="mom", pattern=["mom", "attention"], mlp="swiglu")])
+def test_the_shapes_from_the_meta_device_are_those_of_every_real_model(tmp_path, config):
+    cfg = ModelConfig(d_model=16, num_heads=2, chunk_size=8, **config)
+    model = build_model(cfg, VOCAB)
+    path = C.save_checkpoint(tmp_path / "ck", model, cfg, vocab_size=VOCAB)
+    loaded = C.load_checkpoint(path)  # passes the check against the meta model's shapes
+    want = model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in loaded.model.state_dict().items())
 
 
 def test_latest_checkpoint_of_a_run_skips_interrupted_saves_and_prunes(tmp_path):

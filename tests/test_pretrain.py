@@ -147,9 +147,26 @@ def test_torchrun_with_two_processes_equals_one_process_with_twice_the_batch(tmp
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     summary = json.loads((tmp_path / "two" / "pretrain.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "complete"
+    assert (two.stdout + two.stderr).count("final checkpoint:") == 1  # rank 0 only
     # ...and a bad override exits with its message, without a traceback
     bad = run("-m", "mom_bench", "pretrain", "model.d_model=abc")
     assert bad.returncode != 0 and "model.d_model" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_command_line_ends_with_the_final_checkpoint_on_the_console_and_in_its_log(tmp_path, corpus):
+    out = tmp_path / "out"
+    args = ["model.d_model=16", "model.n_layers=2", "model.mlp=none", "model.chunk_size=8", f"data.files={corpus}/*",
+            "data.seq_len=24", "data.batch_size=2", "optim.max_steps=2", "optim.warmup_steps=1", "save_every=2",
+            "progress=false", "device=cpu", f"out_dir={out}"]
+    run = subprocess.run([sys.executable, "-m", "mom_bench", "pretrain", *args], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    checkpoint, record = str(out / "checkpoints" / "step_00000002"), str(out / "pretrain.json")
+    printed = run.stdout + run.stderr
+    assert "pretrain done: 2 steps, final loss " in printed and "tokens/s" in printed
+    assert checkpoint in printed and record in printed
+    logs = list((out / "hydra").glob("*/pretrain.log"))
+    assert len(logs) == 1 and checkpoint in logs[0].read_text()
 
 
 def test_hub_datasets_are_streamed_and_skipped_without_tokenizing(monkeypatch):
