@@ -23,13 +23,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from mom_bench import files
 from mom_bench.config import ModelConfig
 
 FORMAT = "mom_bench-checkpoint"
@@ -70,7 +70,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: Mod
     model_cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     meta = {"format": FORMAT, "version": VERSION, "model": model_cfg, "vocab_size": int(vocab_size),
             "tokenizer": tokenizer, "metadata": metadata or {}}
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = files.temp_dir(path.parent, path.name)
     try:
         # contiguous clones: safetensors refuses views and tensors that share memory
         weights = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
@@ -81,8 +81,10 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: Mod
             save_file(tensors, str(tmp / OPTIMIZER), metadata={"format": FORMAT})
             _write_json(tmp / TRAIN_STATE, {"optimizer": structure, "train_state": train_state or {}})
         _write_json(tmp / CONFIG, meta)  # last: a folder with config.json was written completely
+        for file in tmp.iterdir():  # safetensors creates its files 0600: the umask decides, as for open()
+            os.chmod(file, files.file_mode())
         _fsync_dir(tmp)
-        _replace_dir(tmp, path)
+        files.replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -107,19 +109,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Rename tmp to path. A folder cannot be atomically renamed over another one, so an existing
-    checkpoint is first moved aside; a kill between the two renames leaves the old one there, hidden."""
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _encode(obj: Any, tensors: Dict[str, torch.Tensor], key: str) -> Any:

@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional
 from omegaconf import OmegaConf
 
 from mom_bench import records
-from mom_bench.config import EvalConfig, validate_eval
+from mom_bench.config import EvalConfig, merge_checked, validate_eval
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def evaluate(cfg: Any) -> Dict[str, Any]:
 
     from mom_bench.lm_eval_model import MomBenchLM
 
-    merged = OmegaConf.merge(OmegaConf.structured(EvalConfig), cfg)
+    merged = merge_checked(EvalConfig, cfg)
     config = OmegaConf.to_container(merged, resolve=True)
     cfg = OmegaConf.to_object(merged)
     validate_eval(cfg)

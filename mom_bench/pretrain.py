@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from mom_bench import checkpoint as ckpt
 from mom_bench import records
-from mom_bench.config import PretrainConfig, validate_pretrain
+from mom_bench.config import PretrainConfig, merge_checked, validate_pretrain
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,7 @@ def make_optimizer(model: torch.nn.Module, o) -> torch.optim.AdamW:
 
 
 def _config(cfg: Any) -> PretrainConfig:
-    merged = OmegaConf.merge(OmegaConf.structured(PretrainConfig), cfg)
-    return OmegaConf.to_object(merged)
+    return OmegaConf.to_object(merge_checked(PretrainConfig, cfg))
 
 
 def pretrain(cfg: Any, on_step: Optional[Callable[[int, float], None]] = None) -> Dict[str, Any]:

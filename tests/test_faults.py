@@ -299,3 +299,30 @@ def test_ctrl_c_ends_quietly(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert not list(tmp_path.glob("runs/*"))  # no record, and the claim released
+
+
+def test_checkpoints_follow_the_umask(tmp_path):
+    from mom_bench import checkpoint as C
+    from test_checkpoint import VOCAB, trained
+
+    cfg, model, opt, _ = trained("gla")
+    old = os.umask(0o022)
+    try:
+        path = C.save_checkpoint(tmp_path / "ck", model, cfg, vocab_size=VOCAB, optimizer=opt, train_state={})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()} == {
+        name: 0o644 for name in ("config.json", "model.safetensors", "optimizer.safetensors", "train_state.json")}
+
+
+def test_pretrain_and_eval_refuse_unknown_keys(tmp_path):
+    from mom_bench.evaluate import evaluate
+    from mom_bench.pretrain import pretrain
+
+    with pytest.raises(ConfigError, match=r"optim\.lrr \(did you mean optim\.lr\?\)"):
+        pretrain({"optim": {"lrr": 1e-3}, "out_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"checkpont \(did you mean checkpoint\?\)"):
+        evaluate({"checkpont": str(tmp_path), "results_dir": str(tmp_path)})
+    out = cli("pretrain", f"out_dir={tmp_path}", f"data.files={tmp_path}/*.txt", "+data.seqlen=8", cwd=tmp_path)
+    assert out.returncode == 1 and "data.seqlen (did you mean data.seq_len?)" in out.stderr
