@@ -493,23 +493,26 @@ def plot_throughput(bench: pd.DataFrame):
 
 
 def plot_task_scores(scores: pd.DataFrame):
-    """Real-task scores: one group of bars per task, one bar per model (mean over its records)."""
+    """Real-task scores: one group of horizontal bars per task, one bar per model (mean over its
+    records)."""
     s = scores.copy()
     several = s.groupby("model")["d_model"].nunique() > 1
     s["label"] = [f"{m} d{d}" if several.get(m, False) else m for m, d in zip(s["model"], s["d_model"])]
     table = s.pivot_table(index="task", columns="label", values="score", aggfunc="mean")
     colors = _colors(table.columns)
-    fig, axes = _figure(1, width=max(4.0, 1.2 * len(table.index) * max(1, len(table.columns)) / 3))
+    # Task names (jrt_swde_twice, ...) are long: one row each on the y axis, they never run into each
+    # other, however many tasks there are.
+    fig, axes = _figure(1, width=5.0, height=max(2.5, 0.25 * len(table.index) * (len(table.columns) + 1)))
     ax = axes[0]
-    width = 0.8 / len(table.columns)
+    height = 0.8 / len(table.columns)
     for i, label in enumerate(table.columns):
-        xs = [j + (i - (len(table.columns) - 1) / 2) * width for j in range(len(table.index))]
-        ax.bar(xs, table[label].fillna(0), width=width, color=colors[label], label=label)
-    # Task names (jrt_swde_twice, ...) are long: slanted, they do not run into each other.
-    ax.set_xticks(range(len(table.index)), list(table.index), rotation=30, ha="right", rotation_mode="anchor")
-    ax.set_ylabel("score")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3, axis="y")
+        ys = [j + (i - (len(table.columns) - 1) / 2) * height for j in range(len(table.index))]
+        ax.barh(ys, table[label].fillna(0), height=height, color=colors[label], label=label)
+    ax.set_yticks(range(len(table.index)), list(table.index))
+    ax.invert_yaxis()  # the first task on top
+    ax.set_xlabel("score")
+    ax.set_xlim(0, 1.02)
+    ax.grid(alpha=0.3, axis="x")
     _legend(fig, axes)
     return fig
 

@@ -326,3 +326,21 @@ def test_pretrain_and_eval_refuse_unknown_keys(tmp_path):
         evaluate({"checkpont": str(tmp_path), "results_dir": str(tmp_path)})
     out = cli("pretrain", f"out_dir={tmp_path}", f"data.files={tmp_path}/*.txt", "+data.seqlen=8", cwd=tmp_path)
     assert out.returncode == 1 and "data.seqlen (did you mean data.seq_len?)" in out.stderr
+
+
+def test_a_sweep_whose_summary_fails_exits_non_zero(tmp_path, monkeypatch):
+    import mom_bench.summary
+    from mom_bench.sweep import SweepCallback
+
+    rec = mqar_record(tmp_path, "zoo", "gla", 64, 1e-3, 1, [0.5, 0.5])
+    folder = tmp_path / "zoo"
+    callback = SweepCallback()
+    callback.planned = [{"name": "model=gla", "results_dir": str(folder), "run_id": rec["run_id"],
+                         "path": records.record_path(folder, rec["run_id"])}]
+
+    def disk_full(results_dir):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mom_bench.summary, "summarize", disk_full)
+    with pytest.raises(SystemExit, match="1 of 1 points complete.*the summary of .*No space left"):
+        callback.on_multirun_end(config=None)

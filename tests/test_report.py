@@ -250,3 +250,31 @@ def test_cli(root):
                            capture_output=True, text=True, timeout=120)
     assert empty.returncode == 1 and "error: no run records under" in empty.stderr
     assert "Traceback" not in empty.stderr
+
+
+def test_figure_captions_are_whole_sentences(root):
+    add_bench_and_eval(root)
+    res = report.load(root)
+    cells = report.notebook(res, root / "report")["cells"]
+    for spec in report.figure_specs(res):
+        [text] = [c["source"] for c in cells if c["source"].startswith(f"## {spec.stem}\n")]
+        caption = text.split("\n\n", 1)[1]
+        doc = getattr(report, spec.function).__doc__
+        assert caption.endswith(".") and caption == " ".join(doc.split("\n\n")[0].split())
+
+
+def test_task_score_labels_do_not_overlap():
+    import pandas as pd
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    tasks = ["jrt_fda", "jrt_fda_twice", "jrt_swde", "jrt_swde_twice", "jrt_squad", "jrt_squad_twice"]
+    scores = pd.DataFrame([{"run_id": m, "model": m, "d_model": 64, "task": t, "score": 0.5}
+                           for m in ("mom", "gated_deltanet") for t in tasks])
+    fig = report.plot_task_scores(scores)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    ax = fig.axes[0]
+    labels = [t for t in ax.get_xticklabels() + ax.get_yticklabels() if t.get_text() in tasks]
+    assert sorted(t.get_text() for t in labels) == sorted(tasks)
+    boxes = [t.get_window_extent(canvas.get_renderer()) for t in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
