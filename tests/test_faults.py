@@ -342,5 +342,5 @@ def test_a_sweep_whose_summary_fails_exits_non_zero(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(mom_bench.summary, "summarize", disk_full)
-    with pytest.raises(SystemExit, match="1 of 1 points complete.*the summary of .*No space left"):
+    with pytest.raises(SystemExit, match="(?s)1 of 1 points complete.*the summary of .*No space left"):
         callback.on_multirun_end(config=None)
