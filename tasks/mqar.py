@@ -1,6 +1,6 @@
 """Multi-query associative recall (MQAR), the synthetic recall task of Zoology (arXiv 2312.04927).
 
-Protocol (shared/reference/mqar.md; generator: HazyResearch/zoology, zoology/data/associative_recall.py, _mqar):
+Protocol (as the generator of HazyResearch/zoology, zoology/data/associative_recall.py, _mqar, runs it):
 
 - Parameters: vocab_size V, seq_len L (even), num_kv_pairs n, power_a a, random_non_queries, seed.
   Constraints: 4n <= L and V > L.
