@@ -74,9 +74,9 @@ def write_record(path: str | os.PathLike, record: Dict[str, Any]) -> None:
     files.write_json(path, record)
 
 
-def check_writable(results_dir: str | os.PathLike) -> Path:
+def check_writable(results_dir: str | os.PathLike) -> None:
     """Create `<results_dir>/runs/` and prove a file can be written there, before any training: a run must
-    not find out after hours that its record has nowhere to go. Returns the folder; raises RecordError."""
+    not find out after hours that its record has nowhere to go. Raises RecordError."""
     runs = Path(results_dir) / "runs"
     try:
         runs.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,6 @@ def check_writable(results_dir: str | os.PathLike) -> Path:
         os.unlink(probe)
     except OSError as exc:
         raise RecordError(f"cannot write run records to {runs}: {exc.strerror or exc}") from None
-    return runs
 
 
 def fallback_path(rid: str) -> Path:

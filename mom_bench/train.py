@@ -42,17 +42,16 @@ def train(cfg: Any) -> Dict[str, Any]:
     record has status "running" and is not written."""
     config, cfg = load_config(cfg)
     rid = records.run_id(config)
-    path = records.record_path(records.check_writable(cfg.results_dir).parent, rid)
-    if records.is_complete(path):
-        log.info("skip %s: complete record exists at %s", rid, path)
-        return records.load_record(path)
+    records.check_writable(cfg.results_dir)
+    path = records.record_path(cfg.results_dir, rid)
     claim = claims.claim(path)
     if claim is None:
         holder = claims.holder(path)
         log.warning("skip %s: another process is training it (%s)", rid, holder)
         return {"run_id": rid, "status": "running", "reason": f"claimed by {holder}", "config": config}
     with claim:
-        if records.is_complete(path):  # finished by another process between the check and the claim
+        if records.is_complete(path):
+            log.info("skip %s: complete record exists at %s", rid, path)
             return records.load_record(path)
         record = _attempt(cfg, config, rid)
         _write(path, record)
