@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -278,3 +279,17 @@ def test_task_score_labels_do_not_overlap():
     assert sorted(t.get_text() for t in labels) == sorted(tasks)
     boxes = [t.get_window_extent(canvas.get_renderer()) for t in labels]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_readme_shows_the_default_sweep_as_its_records_give_it():
+    # The table in README.md is results/default_sweep/table.md, which the committed records regenerate.
+    repo = Path(__file__).resolve().parent.parent
+    folder = repo / "results" / "default_sweep"
+
+    def table(text):
+        return [line for line in text.splitlines() if line.startswith("|")]
+
+    readme = (repo / "README.md").read_text()
+    shown = table(readme.split("**The default sweep**", 1)[1].split("![default sweep]", 1)[0])
+    assert shown == table((folder / "table.md").read_text())
+    assert shown == table(report.markdown(report.load(folder)))
