@@ -2,6 +2,7 @@
 import json
 import logging
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -153,10 +154,15 @@ def test_logits_only_at_the_query_positions_give_the_full_loss_and_accuracy():
     model = build_model(ModelConfig(mixer="gla", d_model=16, chunk_size=8, embed_dropout=0.0), 64).eval()
     x, y = mqar(64, 32, 4, 6, seed=3, random_non_queries=True)
     full, _ = model(x)
-    inputs, positions, targets = T.supervised(type("S", (), {"inputs": x, "targets": y})(), torch.device("cpu"))
+    inputs, positions, targets = T.supervised(SimpleNamespace(inputs=x, targets=y), torch.device("cpu"))
     picked, _ = model(inputs, positions)
     assert picked.shape == (6, 4, 64) and (targets != -100).all()
     torch.testing.assert_close(picked, full.gather(1, positions[..., None].expand(-1, -1, 64)))
     want = torch.nn.functional.cross_entropy(full.flatten(0, 1), y.flatten(), ignore_index=-100)
-    torch.testing.assert_close(torch.nn.functional.cross_entropy(picked.flatten(0, 1), targets.flatten()), want)
+    got = torch.nn.functional.cross_entropy(picked.flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(got, want)
     assert accuracy(picked, targets) == accuracy(full, y)
+    # and every gradient
+    params = [p for p in model.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(a, b)
