@@ -80,6 +80,7 @@ class RunConfig:
     results_dir: str = "outputs"  # run records land under <results_dir>/runs/
     sweep_name: str = "default"
     progress: bool = True
+    cuda_graph: bool = True  # on CUDA, replay the train and evaluation steps from CUDA graphs
 
 
 # Values a type cannot express. Kept here, beside the schema, so the two stay in step.

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Keys that say where or how verbosely a run happens but not what it computes: two configs differing only
 # here are the same run, so they share a run_id and a finished one is not repeated.
-NON_RESULT_KEYS = ("progress", "results_dir", "sweep_name")
+NON_RESULT_KEYS = ("progress", "results_dir", "sweep_name", "cuda_graph")
 
 
 def model_label(model: Dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ import platform
 import random
 import time
 import traceback
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from mom_bench import claims, records
+from mom_bench.graphs import Replay
 from mom_bench.config import ConfigError, RunConfig, merge_checked, validate
 
 log = logging.getLogger(__name__)
@@ -127,12 +128,13 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _batches(slices, batch_size: int, gen: torch.Generator) -> List[tuple]:
-    """(slice index, example indices) for one epoch: each batch comes from one slice, because slices can
-    have different lengths; the order of batches across slices is shuffled."""
+def _batches(slices, batch_size: int, gen: torch.Generator, device: torch.device) -> List[tuple]:
+    """(slice index, example indices on `device`) for one epoch: each batch comes from one slice, because
+    slices can have different lengths; the order of batches across slices is shuffled. Each slice's
+    permutation goes to the device once per epoch (a copy per batch would wait for the GPU each time)."""
     out = []
     for i, s in enumerate(slices):
-        perm = torch.randperm(len(s.inputs), generator=gen)
+        perm = torch.randperm(len(s.inputs), generator=gen).to(device)
         out += [(i, perm[j:j + batch_size]) for j in range(0, len(perm), batch_size)]
     order = torch.randperm(len(out), generator=gen).tolist()
     return [out[k] for k in order]
@@ -147,22 +149,30 @@ def supervised(s, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, tor
     return s.inputs.to(device), positions.to(device), s.targets.gather(1, positions).to(device)
 
 
-@torch.no_grad()
-def evaluate(model, slices, batch_size: int, device: torch.device) -> Dict[str, float]:
-    """Accuracy per test slice, counted only where the target is not -100."""
-    from mom_bench.tasks.mqar import accuracy
+def correct_counter(model, device: torch.device) -> Callable:
+    """(inputs, positions, targets) -> the number of correct predictions, as a device tensor."""
+    @torch.no_grad()
+    def correct(x, positions, y):
+        with _autocast(device):
+            logits, _ = model(x, positions)
+        return (logits.argmax(-1) == y).sum()
 
+    return correct
+
+
+def evaluate(model, slices, batch_size: int, device: torch.device,
+             correct: Optional[Callable] = None) -> Dict[str, float]:
+    """Accuracy per test slice over its query positions; one host sync per slice. `correct` counts a
+    batch's correct predictions (default: `correct_counter`; the training loop passes its graphed one)."""
+    correct = correct or correct_counter(model, device)
     model.eval()
     result = {}
     for s in slices:
         inputs, positions, targets = supervised(s, device)
-        correct = total = 0
+        hits = torch.zeros((), dtype=torch.long, device=device)
         for j in range(0, len(inputs), batch_size):
-            with _autocast(device):
-                logits, _ = model(inputs[j:j + batch_size], positions[j:j + batch_size])
-            c, t = accuracy(logits.float(), targets[j:j + batch_size])
-            correct, total = correct + int(c), total + int(t)
-        result[s.name] = correct / max(total, 1)
+            hits += correct(inputs[j:j + batch_size], positions[j:j + batch_size], targets[j:j + batch_size])
+        result[s.name] = int(hits) / max(targets.numel(), 1)
     model.train()
     return result
 
@@ -190,14 +200,33 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
     }
 
     o = cfg.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    # On CUDA the train and evaluation steps are replayed from CUDA graphs (mom_bench.graphs): the
+    # optimizer then keeps its step count and learning rate on the device (capturable), and the learning
+    # rate is a tensor that the schedule fills in place.
+    graph = device.type == "cuda" and cfg.cuda_graph
+    lr = torch.tensor(o.lr, device=device) if graph else o.lr
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                            capturable=graph)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = sum(math.ceil(len(s.inputs) / cfg.data.batch_size) for s in train_slices)
     total = o.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: _lr_factor(k, o.warmup_steps, total))
     log_every = max(1, total // LOSS_POINTS)
     # The data is small next to GPU memory: move it once instead of copying every batch.
     data = [supervised(s, device) for s in train_slices]
+
+    def train_step(x, positions, y):
+        with _autocast(device):
+            logits, aux = model(x, positions)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) + aux
+        opt.zero_grad(set_to_none=not graph)  # a graph's gradients live in buffers it keeps
+        loss.backward()
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+        return loss.detach()
+
+    step_fn = Replay(train_step, graph, f"{record['run_id']}: train step")
+    correct = Replay(correct_counter(model, device), graph, f"{record['run_id']}: evaluation step")
 
     curve: List[List[float]] = []
     window: List[torch.Tensor] = []  # losses since the last check, kept on the device (no sync per step)
@@ -220,19 +249,16 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
     model.train()
     for epoch in range(1, o.epochs + 1):
         t0 = time.perf_counter()
-        for i, idx in _batches(train_slices, cfg.data.batch_size, gen):
-            x, positions, y = (t[idx.to(device)] for t in data[i])
-            with _autocast(device):
-                logits, aux = model(x, positions)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) + aux
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if o.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            opt.step()
-            sched.step()
+        for i, idx in _batches(train_slices, cfg.data.batch_size, gen, device):
+            x, positions, y = (t[idx] for t in data[i])
+            factor = _lr_factor(step, o.warmup_steps, total)
+            for group in opt.param_groups:
+                if graph:
+                    group["lr"].fill_(o.lr * factor)
+                else:
+                    group["lr"] = o.lr * factor
+            window.append(step_fn(x, positions, y))
             step, tokens = step + 1, tokens + x.numel()
-            window.append(loss.detach())
             bar.update()
             if len(window) == log_every:
                 check_losses()
@@ -242,7 +268,7 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
             check_losses()  # before evaluating weights that may already be NaN
         train_time += time.perf_counter() - t0
 
-        acc = evaluate(model, test_slices, cfg.data.test_batch_size, device)
+        acc = evaluate(model, test_slices, cfg.data.test_batch_size, device, correct=correct)
         mean = sum(acc.values()) / len(acc)
         history.append({"epoch": epoch, "mean": mean, "accuracy": acc})
         if mean > best["mean"]:
