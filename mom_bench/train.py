@@ -283,4 +283,7 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
         "epochs_run": epoch, "steps": step, "eval_history": history, "loss_curve": curve,
         "train_tokens": tokens, "train_time_s": round(train_time, 3),
         "throughput_tokens_per_s": round(tokens / max(train_time, 1e-9), 1),
+        # CUDA graphs captured (one per batch shape) and used: 0 where the steps ran eagerly
+        "cuda_graphs": {"train": len(step_fn.graphs) if step_fn.enabled else 0,
+                        "evaluation": len(correct.graphs) if correct.enabled else 0},
     })
