@@ -177,6 +177,32 @@ def evaluate(model, slices, batch_size: int, device: torch.device,
     return result
 
 
+def optimizer(model, o, graph: bool) -> torch.optim.AdamW:
+    """AdamW as the Zoology protocol sets it; for CUDA graphs (`graph`) with its step count and learning
+    rate on the device (capturable): the schedule then fills `param_groups[i]["lr"]` in place."""
+    lr = torch.tensor(o.lr, device=next(model.parameters()).device) if graph else o.lr
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                             capturable=graph)
+
+
+def train_step(model, opt, grad_clip: float, device: torch.device, graph: bool, name: str) -> Replay:
+    """(inputs, query positions, targets) -> loss: one optimizer step (forward under autocast, the head at
+    the query positions only, cross-entropy plus the auxiliary loss, backward, clipping, AdamW), replayed
+    from a CUDA graph per batch shape when `graph`."""
+    def step(x, positions, y):
+        with _autocast(device):
+            logits, aux = model(x, positions)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) + aux
+        opt.zero_grad(set_to_none=not graph)  # a graph's gradients live in buffers it keeps
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        return loss.detach()
+
+    return Replay(step, graph, name)
+
+
 def _autocast(device: torch.device):
     # bf16 on the GPU as in the reference runs; CPU stays fp32 (CPU bf16 is slow and changes the numbers).
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -204,9 +230,7 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
     # optimizer then keeps its step count and learning rate on the device (capturable), and the learning
     # rate is a tensor that the schedule fills in place.
     graph = device.type == "cuda" and cfg.cuda_graph
-    lr = torch.tensor(o.lr, device=device) if graph else o.lr
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
-                            capturable=graph)
+    opt = optimizer(model, o, graph)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = sum(math.ceil(len(s.inputs) / cfg.data.batch_size) for s in train_slices)
     total = o.epochs * steps_per_epoch
@@ -214,18 +238,7 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
     # The data is small next to GPU memory: move it once instead of copying every batch.
     data = [supervised(s, device) for s in train_slices]
 
-    def train_step(x, positions, y):
-        with _autocast(device):
-            logits, aux = model(x, positions)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) + aux
-        opt.zero_grad(set_to_none=not graph)  # a graph's gradients live in buffers it keeps
-        loss.backward()
-        if o.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        opt.step()
-        return loss.detach()
-
-    step_fn = Replay(train_step, graph, f"{record['run_id']}: train step")
+    step_fn = train_step(model, opt, o.grad_clip, device, graph, f"{record['run_id']}: train step")
     correct = Replay(correct_counter(model, device), graph, f"{record['run_id']}: evaluation step")
 
     curve: List[List[float]] = []

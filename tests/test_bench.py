@@ -42,7 +42,10 @@ def test_ratios_divide_by_the_reference_and_failures_are_kept(monkeypatch):
 
 def test_every_suite_builds_its_cases_without_running_them(monkeypatch):
     cases = bench.build_cases(bench.SUITES, dtype=None, quick=True)
-    assert [c.suite for c in cases] == ["kernel", "kernel", "layer", "layer", "decode", "generate"]
+    assert [c.suite for c in cases] == ["kernel", "kernel", "layer", "layer", "decode", "generate",
+                                        "train", "train", "train"]
+    names = [x.name for x in cases[-1].contenders]
+    assert "ours mom (CUDA graph)" in names and "ours attention" in names and "fla MomAttention" in names
     for c in cases:
         assert c.reference in [x.name for x in c.contenders], c.name
     full = bench.build_cases(["layer", "decode"], dtype=None, quick=False)

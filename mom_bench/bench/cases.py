@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 Fn = Callable[[], object]
-SUITES = ("kernel", "layer", "decode", "generate")
+SUITES = ("kernel", "layer", "decode", "generate", "train")
 
 
 @dataclass
@@ -200,6 +200,66 @@ def generate_case(contexts, dtype) -> Case:
                 target="flat; faster from 8K")
 
 
+class _FlaMixer(torch.nn.Module):
+    """A flash-linear-attention layer under the mixers' contract: forward(x) -> (y, aux)."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)[0], None
+
+
+FLA_LAYERS = {  # fla 0.6.0 layers at the shape of ours: q/k/v at the model width, one gate per head
+    "LinearAttention": lambda D, H: dict(hidden_size=D, num_heads=H, expand_k=1.0, expand_v=1.0),
+    "GatedLinearAttention": lambda D, H: dict(hidden_size=D, num_heads=H, expand_k=1.0, expand_v=1.0),
+    "DeltaNet": lambda D, H: dict(hidden_size=D, num_heads=H, expand_k=1.0, expand_v=1.0),
+    "GatedDeltaNet": lambda D, H: dict(hidden_size=D, num_heads=H, head_dim=D // H, expand_v=1),
+    "MomAttention": lambda D, H: dict(hidden_size=D, num_heads=H, head_dim=D // H, expand_v=1,
+                                      num_memories=4, topk=2, shared_mem=True),
+    "Mamba2": lambda D, H: dict(hidden_size=D, num_heads=H, head_dim=D // H, expand=1),
+}
+
+
+def train_case(B, T, D, H, n, target, vocab=8192, layers=2) -> Case:
+    """One MQAR optimizer step of every mixer's 2-layer LM as `mom_bench.train` runs it (bf16 autocast,
+    the head at n query positions, clipping, AdamW), eager and replayed from CUDA graphs, against LMs of
+    the same shape whose mixers are flash-linear-attention layers, trained by the same step."""
+    from mom_bench.config import ModelConfig, OptimConfig
+    from mom_bench.models import MIXERS, LanguageModel, build_model
+    from mom_bench.train import optimizer, train_step
+
+    def step(build, graph):
+        def make():
+            torch.manual_seed(0)
+            model = build().cuda()
+            x = torch.randint(0, vocab, (B, T), device="cuda")
+            positions = torch.rand(B, T, device="cuda").argsort(1)[:, :n]
+            y = torch.randint(0, vocab, (B, n), device="cuda")
+            fn = train_step(model, optimizer(model, OptimConfig(), graph), 1.0, torch.device("cuda"), graph,
+                            "bench")
+            return {"train step": lambda: fn(x, positions, y)}
+        return make
+
+    def ours(mixer):
+        return lambda: build_model(ModelConfig(mixer=mixer, d_model=D, n_layers=layers, num_heads=H,
+                                               embed_dropout=0.0), vocab)
+
+    def fla(name):
+        def build():
+            layer = getattr(_fla("fla.layers"), name)
+            return LanguageModel(vocab, D, [_FlaMixer(layer(**FLA_LAYERS[name](D, H))) for _ in range(layers)])
+        return build
+
+    mixers = [m for m in MIXERS if m != "mom_attention"]
+    contenders = [Contender(f"ours {m}{' (CUDA graph)' * g}", step(ours(m), g), memory=not g)
+                  for m in mixers for g in (False, True)]
+    contenders += [Contender(f"fla {name}", step(fla(name), False)) for name in FLA_LAYERS]
+    return Case("train", f"MQAR train step, d_model {D}, {H} head{'s' * (H > 1)}, n {n}", B, T, contenders,
+                reference="fla GatedDeltaNet", target=target)
+
+
 def build_cases(suites, dtype, quick: bool) -> List[Case]:
     contexts = [1024, 8192] if quick else [1024, 8192, 32768]
     cases = []
@@ -214,6 +274,10 @@ def build_cases(suites, dtype, quick: bool) -> List[Case]:
         cases.append(decode_case(contexts, dtype))
     if "generate" in suites:
         cases.append(generate_case(contexts, dtype))
+    if "train" in suites:  # the sizes of the Zoology grid's cells (vocabulary 8192, 2 layers, no MLP)
+        cases += [train_case(512, 64, 64, 1, 4, "<= 2.5 ms and <= 0.2x"),
+                  train_case(128, 512, 128, 1, 64, "<= 6 ms and <= 0.4x"),
+                  train_case(128, 512, 512, 2, 64, "Gated DeltaNet <= 15 ms, MoM <= 30 ms")]
     return cases
 
 
