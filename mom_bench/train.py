@@ -177,12 +177,12 @@ def evaluate(model, slices, batch_size: int, device: torch.device,
     return result
 
 
-def optimizer(model, o, graph: bool) -> torch.optim.AdamW:
-    """AdamW as the Zoology protocol sets it; for CUDA graphs (`graph`) with its step count and learning
-    rate on the device (capturable): the schedule then fills `param_groups[i]["lr"]` in place."""
-    lr = torch.tensor(o.lr, device=next(model.parameters()).device) if graph else o.lr
+def optimizer(model, o, capturable: bool) -> torch.optim.AdamW:
+    """AdamW as the Zoology protocol sets it; `capturable` (CUDA) keeps its step count and learning rate
+    on the device, as a CUDA graph needs: the schedule then fills `param_groups[i]["lr"]` in place."""
+    lr = torch.tensor(o.lr, device=next(model.parameters()).device) if capturable else o.lr
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
-                             capturable=graph)
+                             capturable=capturable)
 
 
 def train_step(model, opt, grad_clip: float, device: torch.device, graph: bool, name: str) -> Replay:
@@ -193,7 +193,7 @@ def train_step(model, opt, grad_clip: float, device: torch.device, graph: bool, 
         with _autocast(device):
             logits, aux = model(x, positions)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) + aux
-        opt.zero_grad(set_to_none=not graph)  # a graph's gradients live in buffers it keeps
+        opt.zero_grad(set_to_none=False)  # a graph's gradients live in buffers it keeps
         loss.backward()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -226,11 +226,11 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
     }
 
     o = cfg.optim
-    # On CUDA the train and evaluation steps are replayed from CUDA graphs (mom_bench.graphs): the
-    # optimizer then keeps its step count and learning rate on the device (capturable), and the learning
-    # rate is a tensor that the schedule fills in place.
+    # On CUDA the train and evaluation steps are replayed from CUDA graphs (mom_bench.graphs) unless
+    # cuda_graph is false; the optimizer is the capturable one on CUDA either way, so that the setting
+    # changes the speed and not the numbers (replayed and eager steps agree to the last digit).
     graph = device.type == "cuda" and cfg.cuda_graph
-    opt = optimizer(model, o, graph)
+    opt = optimizer(model, o, capturable=device.type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = sum(math.ceil(len(s.inputs) / cfg.data.batch_size) for s in train_slices)
     total = o.epochs * steps_per_epoch
@@ -266,7 +266,7 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
             x, positions, y = (t[idx] for t in data[i])
             factor = _lr_factor(step, o.warmup_steps, total)
             for group in opt.param_groups:
-                if graph:
+                if torch.is_tensor(group["lr"]):
                     group["lr"].fill_(o.lr * factor)
                 else:
                     group["lr"] = o.lr * factor

@@ -134,8 +134,9 @@ def test_lm_eval_generation_with_cuda_graph_equals_eager():
 
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_graphed_training_follows_eager_training(mixer, tmp_path):
-    """The train and evaluation steps replayed from CUDA graphs give eager's loss curve (bf16 noise) and
-    accuracy; with dropout on, the graphed run trains too."""
+    """The train and evaluation steps replayed from CUDA graphs give eager's loss curve and accuracy (both
+    use the same capturable optimizer; eager CUDA training is deterministic here, so they agree to the last
+    digits); with dropout on, the graphed run trains too."""
     from mom_bench.config import DataConfig, OptimConfig, RunConfig, SliceConfig
     from mom_bench.train import train
 
@@ -157,6 +158,6 @@ def test_graphed_training_follows_eager_training(mixer, tmp_path):
     assert graphed["cuda_graphs"] == {"train": 2, "evaluation": 2}
     a, b = (torch.tensor([loss for _, loss in r["loss_curve"]]) for r in (eager, graphed))
     assert len(a) == len(b) > 100
-    torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)
-    assert abs(eager["mean_accuracy"] - graphed["mean_accuracy"]) < 0.05
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert eager["mean_accuracy"] == graphed["mean_accuracy"]
     assert run(True, dropout=0.1)["status"] == "complete"

@@ -237,8 +237,8 @@ def train_case(B, T, D, H, n, target, vocab=8192, layers=2) -> Case:
             x = torch.randint(0, vocab, (B, T), device="cuda")
             positions = torch.rand(B, T, device="cuda").argsort(1)[:, :n]
             y = torch.randint(0, vocab, (B, n), device="cuda")
-            fn = train_step(model, optimizer(model, OptimConfig(), graph), 1.0, torch.device("cuda"), graph,
-                            "bench")
+            fn = train_step(model, optimizer(model, OptimConfig(), capturable=True), 1.0, torch.device("cuda"),
+                            graph, "bench")
             return {"train step": lambda: fn(x, positions, y)}
         return make
 
