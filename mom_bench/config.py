@@ -254,7 +254,7 @@ class EvalConfig:
     limit: Optional[float] = None  # documents per task (a fraction when < 1), for quick runs
     num_fewshot: Optional[int] = None
     batch_size: int = 16
-    max_length: int = 2048  # longer prompts are left-truncated to their last max_length tokens
+    max_length: int = 2048  # prompts are left-truncated: generation keeps max_length - max_gen_toks tokens
     max_gen_toks: int = 256  # default for tasks that do not set their own
     device: str = "auto"
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16 | float16 | float64

@@ -24,13 +24,15 @@ Behaviour:
   parallel forward per batch of requests sorted by length.
 - loglikelihood_rolling: lm-eval's disjoint rolling windows of max_length tokens, each scored from a
   fresh state (EOS first), summed per document.
-- generate_until: greedy. Prompts longer than max_length keep their last max_length tokens (left
-  truncation); an empty prompt is the EOS token. A batch prefills the length its prompts share with one
-  parallel pass, reads the rest of each prompt step by step, then decodes each sequence with the mixers'
-  recurrent state (constant memory per token for the linear mixers; a KV cache for attention). A sequence
-  stops at EOS, after max_gen_toks tokens, or once its decoded continuation contains one of the `until`
-  strings; the output is cut before the first stop string. Finished sequences leave the batch (with a
-  CUDA-graph decoder, whose batch is fixed, they stay in it, fed EOS, and their outputs are not read).
+- generate_until: greedy. A prompt keeps its last max_length - max_gen_toks tokens (left truncation that
+  leaves room for the answer, with the request's max_gen_toks, as lm-eval's Hugging Face backend and the
+  JRT reference's model do); an empty prompt is the EOS token. A batch prefills the length its prompts
+  share with one parallel pass, reads the rest of each prompt step by step, then decodes each sequence
+  with the mixers' recurrent state (constant memory per token for the linear mixers; a KV cache for
+  attention). A sequence stops at EOS, after max_gen_toks tokens, or once its decoded continuation
+  contains one of the `until` strings; the output is cut before the first stop string. Finished
+  sequences leave the batch (with a CUDA-graph decoder, whose batch is fixed, they stay in it, fed EOS,
+  and their outputs are not read).
 """
 from __future__ import annotations
 
@@ -171,7 +173,10 @@ class MomBenchLM(TemplateLM):
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
             until, max_new = self._stop_rules(gen_kwargs)
-            prompt = self.tok_encode(context)[-self.max_length:] or [self.eot_token_id]
+            if max_new >= self.max_length:
+                raise ValueError(f"max_gen_toks ({max_new}) must be less than max_length ({self.max_length}): "
+                                 f"a prompt keeps its last max_length - max_gen_toks tokens")
+            prompt = self.tok_encode(context)[-(self.max_length - max_new):] or [self.eot_token_id]
             jobs.append((i, prompt, until, max_new))
         jobs.sort(key=lambda job: -len(job[1]))  # similar lengths together: few prompt tokens read stepwise
         out: List[Optional[str]] = [None] * len(requests)

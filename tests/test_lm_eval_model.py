@@ -150,6 +150,17 @@ def test_generate_until_stopping_rules_one_by_one_and_batched():
     assert generate(lm, ("a", {"until": ["\n"]})) == ["bc"]
 
 
+def test_generate_until_keeps_the_last_max_length_minus_max_gen_toks_prompt_tokens():
+    """As lm-eval's Hugging Face backend and the JRT reference model: room is left for the answer."""
+    lm = lm_of(Successor(), max_length=8, max_gen_toks=3)
+    seen = []
+    lm.greedy = lambda prompts, until, max_new: seen.extend(prompts) or [""] * len(prompts)
+    generate(lm, ("0123456789", {"max_gen_toks": 2}), ("0123456789", {}), ("ab", {"max_gen_toks": 5}))
+    assert sorted(seen) == sorted([TOK.encode("456789"), TOK.encode("56789"), TOK.encode("ab")])  # 8-2, 8-3
+    with pytest.raises(ValueError, match="max_gen_toks \\(8\\) must be less than max_length \\(8\\)"):
+        generate(lm, ("ab", {"max_gen_toks": 8}))
+
+
 @pytest.mark.parametrize("mixer", ["mom", "attention", "gated_deltanet"])
 def test_batched_decoding_with_state_equals_full_recomputation(mixer):
     _, model = tiny(mixer, seed=1)
@@ -203,14 +214,15 @@ def test_simple_evaluate_by_name_on_the_recall_fixtures(checkpoint):
     tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False,
                      metadata={"recall_data": str(FIXTURE_DIR), "tokenizer": "bytes", "context_length": 200})
     out = lm_eval.simple_evaluate(model="mom_bench", model_args={"checkpoint": str(checkpoint), "max_length": 256},
-                                  tasks=["jrt_fda"], task_manager=tm, limit=2, bootstrap_iters=0)
-    assert 0.0 <= out["results"]["jrt_fda"]["contains,none"] <= 1.0
+                                  tasks=["jrt_recall"], task_manager=tm, limit=1, bootstrap_iters=0)
     lm = MomBenchLM(checkpoint=str(checkpoint), device="cpu", max_length=256)
-    for sample in out["samples"]["jrt_fda"]:  # what lm-eval got is what the model generates
-        prompt, kwargs = sample["arguments"][0]
-        assert kwargs["until"] == ["\n"] and kwargs["max_gen_toks"] == 48
-        assert sample["resps"][0][0] == generate(lm, (prompt, kwargs))[0]
-        assert "\n" not in sample["resps"][0][0] and len(sample["resps"][0][0]) <= 48  # one char per byte at most
+    for task in ["jrt_fda", "jrt_swde", "jrt_squad", "jrt_fda_twice", "jrt_swde_twice", "jrt_squad_twice"]:
+        assert 0.0 <= out["results"][task]["contains,none"] <= 1.0
+        for sample in out["samples"][task]:  # what lm-eval got is what the model generates
+            prompt, kwargs = sample["arguments"][0]
+            assert kwargs["until"] == ["\n"] and kwargs["max_gen_toks"] == 48
+            assert sample["resps"][0][0] == generate(lm, (prompt, kwargs))[0]
+            assert "\n" not in sample["resps"][0][0] and len(sample["resps"][0][0]) <= 48  # one char per byte at most
 
 
 def test_eval_command_writes_a_record_the_report_draws(checkpoint, tmp_path):

@@ -19,17 +19,22 @@ from typing import Any
 
 HUB_IDS = {
     "fda": "hazyresearch/based-fda",
-    "swde": "hazyresearch/based-swde",
+    "swde": "hazyresearch/based-swde-v2",  # the reference's; hazyresearch/based-swde is the older v1
     "squad": "hazyresearch/based-squad",
 }
-# What the prompts read; other columns (doc_id, file_name, title, question) are optional.
+# What the prompts read; other columns (doc_id, file_name, title) are optional.
 REQUIRED_FIELDS = {
     "fda": ("key", "value", "text"),
     "swde": ("key", "value", "text"),
     "squad": ("value", "text"),
 }
+TWICE_FIELDS = {"squad": ("question", "context")}  # SQuAD twice reads the question and the whole passage
 ENV_VAR = "MOM_BENCH_RECALL_DATA"
 FORMATS = ("jsonl", "json", "parquet", "csv")
+
+
+def required_fields(task: str, twice: bool) -> tuple[str, ...]:
+    return REQUIRED_FIELDS[task] + (TWICE_FIELDS.get(task, ()) if twice else ())
 
 
 def data_source(task: str, recall_data: str | os.PathLike | None = None) -> str | Path:
@@ -84,18 +89,19 @@ def read_rows(source: str | Path) -> list[dict[str, Any]]:
     raise ValueError(f"recall: unsupported data file {source}: expected one of .{', .'.join(FORMATS)}")
 
 
-def check_fields(rows: list[dict[str, Any]], task: str, source: str | Path) -> None:
+def check_fields(rows: list[dict[str, Any]], task: str, source: str | Path, twice: bool = False) -> None:
     """Fail early, naming the field and the source, rather than with a KeyError deep in lm-eval."""
     if not rows:
         raise ValueError(f"recall: {source} holds no rows for task {task!r}")
+    fields = required_fields(task, twice)
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
             raise ValueError(f"recall: row {index} of {source} is not an object: {row!r:.80}")
-        missing = [field for field in REQUIRED_FIELDS[task] if row.get(field) is None]
+        missing = [field for field in fields if row.get(field) is None]
         if missing:
             raise ValueError(
                 f"recall: row {index} of {source} has no field {', '.join(map(repr, missing))} "
-                f"(task {task!r} needs {', '.join(REQUIRED_FIELDS[task])}; "
+                f"(task {task!r}{' twice' if twice else ''} needs {', '.join(fields)}; "
                 f"the row has {', '.join(row) or 'nothing'})"
             )
 

@@ -1,14 +1,16 @@
 """The lm-eval entry points of the JRT recall tasks (named by `!function` in the YAML files).
 
 lm-eval 0.4.x calls `custom_dataset(**metadata, **dataset_kwargs)` once per task. `metadata` is
-the task YAML's metadata merged with the run's (`--metadata` JSON, `TaskManager(metadata=...)`;
-`simple_evaluate` also merges the model_args into it), and `dataset_kwargs` names the task. That is
-the only hook that sees the run's settings, so the whole prompt is built there, tokenizer window
-included, and the documents reach lm-eval with a ready `prompt` field.
+the task YAML's metadata (where `context_length` and `answer_length` are set) merged with the run's
+(`--metadata` JSON, `TaskManager(metadata=...)`; `simple_evaluate` and the CLI also merge the
+model_args into it), and `dataset_kwargs` names the task. That is the only hook that sees the run's
+settings, so the whole protocol runs there (document set, window, prompt; PROTOCOL.md), and the
+documents reach lm-eval with a ready `prompt` field.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from typing import Any
@@ -19,75 +21,108 @@ from mom_bench.tasks.recall import data, prompts, window
 
 log = logging.getLogger(__name__)
 
-CONTEXT_LENGTH = 2048  # MoM / JRT defaults
-ANSWER_LENGTH = 48
+METADATA_KEYS = ("recall_data", "tokenizer", "context_length", "answer_length")
+# The strings the window centres on (the reference's answer keys): FDA / SWDE the key or the value,
+# whichever occurs first, SQuAD the value.
+ANCHOR_FIELDS = {"fda": ("key", "value"), "swde": ("key", "value"), "squad": ("value",)}
 
 
 def load_docs(
     jrt_task: str,
     jrt_twice: bool = False,
+    *,
+    context_length: Any,
+    answer_length: Any,
     recall_data: str | None = None,
     tokenizer: Any = None,
     pretrained: Any = None,
-    context_length: int | str = CONTEXT_LENGTH,
-    answer_length: int | str = ANSWER_LENGTH,
-    **_other_metadata: Any,  # version, config_source, other model_args: not ours
+    **other_metadata: Any,  # version, config_source, the model_args: not ours
 ) -> dict[str, datasets.Dataset]:
-    """The validation split of one recall task, each document with its JRT `prompt`."""
+    """The validation split of one recall task, each kept document with its JRT `prompt`."""
+    check_metadata_keys(other_metadata)
+    budget = metadata_int("context_length", context_length) - metadata_int("answer_length", answer_length)
+    twice = bool(jrt_twice)
     source = data.data_source(jrt_task, recall_data)
     rows = data.read_rows(source)
-    data.check_fields(rows, jrt_task, source)
+    data.check_fields(rows, jrt_task, source, twice)
     tok = data.resolve_tokenizer(tokenizer, pretrained)
-    budget = int(context_length) - int(answer_length)
-    docs = [build_doc(row, index, jrt_task, bool(jrt_twice), tok, budget) for index, row in enumerate(rows)]
-    _log_summary(jrt_task, source, docs, budget)
+    docs, dropped = [], 0
+    for index, row in enumerate(rows):
+        doc_id = str(row["doc_id"]) if row.get("doc_id") is not None else str(index)
+        if jrt_task == "swde":
+            check_swde_summary(row["text"], doc_id, index, source)
+        anchors = [str(row[field]) for field in ANCHOR_FIELDS[jrt_task]]
+        # The protocol drops a document whose key or value is blank or one character long: such a
+        # value (e.g. "R") would occur in almost any generation.
+        if any(len(anchor) <= 1 for anchor in anchors):
+            dropped += 1
+            continue
+        docs.append(build_doc(row, doc_id, jrt_task, twice, tok, budget, anchors))
+    log.info("recall %s%s: %d documents from %s, %d of them cut to %d tokens; %d dropped (key or value "
+             "shorter than 2 characters)", jrt_task, " twice" if twice else "", len(docs), source,
+             sum(doc["truncated"] for doc in docs), budget, dropped)
+    if not docs:
+        raise ValueError(f"recall: no {jrt_task} document of {source} is left once those whose key or value is "
+                         f"shorter than 2 characters are dropped ({dropped} dropped)")
     return {"validation": datasets.Dataset.from_list(docs)}
 
 
-def build_doc(row: dict[str, Any], index: int, task: str, twice: bool, tok, budget: int) -> dict[str, Any]:
-    """One lm-eval document: the prompt, the gold value, and whether the window cut the text."""
-    text, value = str(row["text"]), str(row["value"])
+def build_doc(row: dict[str, Any], doc_id: str, task: str, twice: bool, tok, budget: int,
+              anchors: list[str]) -> dict[str, Any]:
+    """One lm-eval document: the prompt, the gold value, and whether the window dropped tokens."""
+    text, truncated = window.cut(str(row["text"]), anchors, tok, budget)
     if task == "squad":
         key = ""
-        passage, cloze = prompts.split_cloze(text, row.get("context"))
-        passage, truncated = window.cut_context(passage, [value], tok, budget)
-        prompt = prompts.cloze_prompt(passage, cloze, twice)
+        prompt = prompts.squad_prompt(text, str(row.get("question", "")), str(row.get("context", "")), twice)
     else:
         key = str(row["key"])
-        if task == "swde":
-            text = prompts.drop_swde_summary(text)
-        body = prompts.drop_query(text, key)
-        body, truncated = window.cut_context(body, [key, value], tok, budget)
-        prompt = prompts.key_value_prompt(body, key, twice)
-    doc_id = row.get("doc_id")
-    return {
-        "doc_id": str(doc_id if doc_id is not None else index),
-        "key": key,
-        "value": value,
-        "prompt": prompt,
-        "truncated": truncated,
-    }
+        prompt = prompts.key_value_prompt(text, key, task, twice)
+    return {"doc_id": doc_id, "key": key, "value": str(row["value"]), "prompt": prompt, "truncated": truncated}
+
+
+def check_swde_summary(text: str, doc_id: str, index: int, source) -> None:
+    """The reference splits every SWDE document on its summary phrase and stops with an error unless
+    the phrase occurs exactly once; stop here too, naming the document, rather than score it some
+    other way."""
+    count = str(text).count(prompts.SWDE_SUMMARY)
+    if count != 1:
+        raise ValueError(
+            f"recall: SWDE document {doc_id} (row {index} of {source}) holds {prompts.SWDE_SUMMARY!r} "
+            f"{count} times; the protocol needs it exactly once (hazyresearch/based-swde-v2 documents "
+            "have it once)"
+        )
+
+
+def check_metadata_keys(other: dict[str, Any]) -> None:
+    """A key that looks like one of ours but is not (`recall-data`, `Context_Length`, `answer_len`)
+    is an error: silently ignored, it would run the default protocol instead.
+
+    Other keys pass: lm-eval merges every model argument (pretrained, max_length, ...) into the
+    metadata, so an exact list of allowed keys cannot exist.
+    """
+    canonical = {re.sub(r"[^a-z0-9]", "", key): key for key in METADATA_KEYS}
+    for key in other:
+        near = difflib.get_close_matches(re.sub(r"[^a-z0-9]", "", str(key).lower()), canonical, n=1, cutoff=0.85)
+        if near:
+            raise ValueError(f"recall: unknown metadata key {key!r} (did you mean {canonical[near[0]]!r}?); "
+                             f"the recall tasks read {', '.join(METADATA_KEYS)}")
+
+
+def metadata_int(name: str, value: Any) -> int:
+    if not isinstance(value, bool) and isinstance(value, (int, str)):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise ValueError(f"recall: metadata {name} must be an integer, got {value!r}")
 
 
 def contains(generation: str | None, value: str) -> float:
-    """1.0 when the gold value occurs in the generation (case-insensitive, literally), else 0.0.
-
-    The value is stripped first (as upstream lm-eval's v1). A blank value scores 0.0: an empty
-    pattern occurs in every string, so it would otherwise be a free hit.
-    """
-    value = value.strip()
-    if not value or not generation:
-        return 0.0
-    return 1.0 if re.search(re.escape(value), generation, re.IGNORECASE) else 0.0
+    """1.0 when the gold value, as given (not stripped), occurs in the generation, case-insensitive
+    and literally (regex characters escaped), else 0.0. Values shorter than 2 characters never get
+    here: the document set drops them."""
+    return 1.0 if re.search(re.escape(value), generation or "", re.IGNORECASE) else 0.0
 
 
 def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
     return {"contains": contains(results[0], doc["value"])}
-
-
-def _log_summary(task: str, source, docs: list[dict[str, Any]], budget: int) -> None:
-    cut = sum(doc["truncated"] for doc in docs)
-    blank = sum(not doc["value"].strip() for doc in docs)
-    log.info("recall %s: %d documents from %s, %d cut to %d tokens", task, len(docs), source, cut, budget)
-    if blank:
-        log.warning("recall %s: %d documents have a blank value; they score 0", task, blank)
