@@ -14,6 +14,9 @@ only mean something next to each other. Cases (the targets of issue 3 in bracket
               fp32 state) vs SDPA over a KV cache of 1K / 8K / 32K tokens (B8, 8 x 128 heads)   [<= 1.0x at 8K]
     generate  per-token decoding latency of a MoM LM vs an SDPA attention LM with a KV cache, at
               1K / 8K / 32K tokens of context                                 [flat; faster from 8K]
+    train     one MQAR optimizer step (mom_bench.train's) of every mixer's 2-layer LM, eager and
+              replayed from CUDA graphs, vs LMs of fla layers; B512 x L64 x d64, B128 x L512 x d128,
+              B128 x L512 x d512 with 2 heads
 
 flash-linear-attention is imported only in `cases.py` (and in GPU tests), never by the models. On Hopper with
 Triton < 3.7.1 its gated backward refuses to run (its issue 640); the guard is switched off for timing
