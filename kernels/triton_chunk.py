@@ -35,7 +35,8 @@ All accumulation is fp32; G, norms, M, A and the gradients wrt M and L are store
 W, U, v_new and their gradients in bf16 for 16-bit inputs and fp32 otherwise; outputs take the dtype of
 v (o), of the inputs (gradients) and fp32 (states). Dots take fp32 operands (three-pass tf32 for fp32
 inputs, tf32 otherwise), so no dot accumulator is ever cast to 16 bits and transposed into another dot
-(the Hopper miscompile of ../shared/reference/gpu.md).
+(Triton 3.4 to 3.7.0 miscompile that on Hopper for some block sizes, BK = 64 among them:
+flash-linear-attention's issue 640, fixed in Triton 3.7.1).
 
 The per-channel pairwise terms sum_k a_tk b_sk e^{G_tk - G_sk} do not factor into one matrix product
 without risking overflow. In sub-chunks of BC = 16 they do: pairs across sub-chunks are products through
@@ -745,7 +746,7 @@ def _dqk_bwd_kernel(q, k, v, beta, gc, rn, hs, vn, do, dhs, dvn, dMs, dLs, dbp, 
     K block: the states are loaded to be evicted first from L2, the rows to stay. Without these hints
     the kernel moved about three times its distinct data from DRAM (ncu: 64% of the bandwidth for 1.07 ms,
     about 2.3 GB, against about 0.8 GB, one group at the MoM layer's B8 x T2048); with them, and 8 warps,
-    it took 1.90 ms there against 2.07 (H100, results/bench/core_configs.md, ninth session)."""
+    it took 1.90 ms there against 2.07 (H100, results/bench/core_configs.md)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     offs, valid, t_last, live = _chunk_rows(cu, cidx, i_t, BT)
     if not live:  # a chunk past the real count: nothing to do
@@ -1076,7 +1077,7 @@ class _Plan:
         # scales them); the running state and v_new (or their gradients) are rounded to bf16 as they are
         # stored for the other kernels anyway. That takes half the shared memory and tensor-core issue of
         # tf32: the sequential passes, bound by their chain of steps, took 17-18% less at the MoM layer's
-        # B1 x T16384 (results/bench/README.md, seventh session).
+        # B1 x T16384 (results/bench/README.md).
         # M stays tf32 (computed in fp32), and so do the other kernels: the dq/dk kernel, short of
         # registers, spilled more and was slower on bf16 operands.
         self.dot16 = all(x.dtype == torch.bfloat16 for x in (q, k, v)) and cfg.get("dot16", True)
@@ -1245,7 +1246,7 @@ class ChunkMemoryFunction(torch.autograd.Function):
 # waits for that copy (the one host sync of a call that runs in groups).
 # Fewer groups are faster: at 768 MB the MoM layer at B8 x T2048 runs in 2 groups (9.75 ms, peak 1951 MB
 # on an H100, with the rows kept as below), where 512 MB made 3 (10.08 ms, 1818 MB) and one group would
-# peak near 2450 MB, above flash-linear-attention's 1991 (results/bench/core_configs.md, eighth session).
+# peak near 2450 MB, above flash-linear-attention's 1991 (results/bench/core_configs.md).
 WORKSPACE_BYTES = 768 * 2 ** 20
 MIN_CHAINS = 32
 # The forward keeps, within KEEP_BYTES, what the backward would recompute. When the backward runs as one
@@ -1258,7 +1259,7 @@ MIN_CHAINS = 32
 # In groups, the chunk states (the bulk of a group's workspace) are not kept, but prep's output and v_new
 # are: arrays of token rows, of which each group reads its slice. A group then runs only the sequential
 # pass, and that from v_new, which takes W h off its chain of steps. At B8 x T2048: 10.5 -> 9.75 ms, peak
-# 1757 -> 1951 MB (those rows stay alive through both groups; H100, eighth session).
+# 1757 -> 1951 MB (those rows stay alive through both groups; H100).
 KEEP_BYTES = 768 * 2 ** 20
 SEQUENTIAL, PREP = ("hs", "vn"), ("gc", "rn", "Mqk", "Mkk", "w")
 ROWS = PREP + ("vn",)  # arrays of token rows, of which a group of segments reads a row slice
