@@ -15,7 +15,7 @@ import platform
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from mom_bench import files
 
@@ -179,12 +179,15 @@ def set_aside(path: str | os.PathLike, reason: str) -> Optional[Path]:
     went (None if another process moved it first)."""
     path = Path(path)
     dest = path.parent / INVALID / path.name
-    dest.parent.mkdir(parents=True, exist_ok=True)
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, dest)
+        files.write_text(dest.with_name(dest.name + ".reason"), reason + "\n")
     except FileNotFoundError:
         return None
-    files.write_text(dest.with_name(dest.name + ".reason"), reason + "\n")
+    except OSError as exc:  # a results folder we may read but not change (another user's)
+        log.warning("invalid record %s; it stays where it is (%s)", reason, exc.strerror or exc)
+        return None
     log.warning("invalid record %s, moved to %s", reason, dest)
     return dest
 
@@ -204,20 +207,29 @@ def is_complete(path: str | os.PathLike) -> bool:
     return rec is not None and rec.get("status") == "complete"
 
 
-def load_records(root: str | os.PathLike) -> List[Dict[str, Any]]:
-    """Every valid record under `root` (any depth of `runs/` folders), sorted by run_id; invalid ones are
-    set aside (see `invalid_records`)."""
-    recs = [load_record(p) for p in Path(root).rglob("runs/*.json")]
-    return sorted((r for r in recs if r is not None), key=lambda r: r["run_id"])
-
-
-def invalid_records(root: str | os.PathLike) -> List[Dict[str, str]]:
-    """Every record set aside under `root`: its path and why."""
-    out = []
+def scan(root: str | os.PathLike) -> Tuple[List[Dict[str, Any]], List[Dict[str, str]]]:
+    """Every valid record under `root` (any depth of `runs/` folders), sorted by run_id, and every invalid
+    one as {path, reason}: those set aside now or before, and those that could not be moved."""
+    valid, invalid = [], []
+    for p in sorted(Path(root).rglob("runs/*.json")):
+        try:
+            rec = read_record(p)
+        except RecordError as exc:
+            moved = set_aside(p, str(exc))
+            if moved is None and p.exists():
+                invalid.append({"path": str(p), "reason": str(exc)})
+            continue
+        if rec is not None:
+            valid.append(rec)
     for p in sorted(Path(root).rglob(f"runs/{INVALID}/*.json")):
         reason = p.with_name(p.name + ".reason")
-        out.append({"path": str(p), "reason": reason.read_text().strip() if reason.exists() else "invalid"})
-    return out
+        invalid.append({"path": str(p), "reason": reason.read_text().strip() if reason.exists() else "invalid"})
+    return sorted(valid, key=lambda r: r["run_id"]), invalid
+
+
+def load_records(root: str | os.PathLike) -> List[Dict[str, Any]]:
+    """Every valid record under `root`; invalid ones are set aside (see `scan`)."""
+    return scan(root)[0]
 
 
 def now() -> str:

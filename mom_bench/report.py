@@ -221,14 +221,14 @@ def scores_frame(recs: List[Dict[str, Any]]) -> pd.DataFrame:
 def load(root: str | os.PathLike) -> Results:
     """Read every record under `root`; raise NoRecords when there is none."""
     root = Path(root)
-    recs = records.load_records(root) if root.is_dir() else []
-    if not recs and not (root.is_dir() and records.invalid_records(root)):
+    recs, bad = records.scan(root) if root.is_dir() else ([], [])
+    if not recs and not bad:
         raise NoRecords(f"no run records under {root} (looked for runs/*.json at any depth)")
     runs = runs_frame(recs)
     failed = pd.DataFrame([{"kind": _kind(r), "run_id": r.get("run_id"), "reason": r.get("reason")}
                            for r in recs if r.get("status", "complete") != "complete"],
                           columns=["kind", "run_id", "reason"])
-    invalid = pd.DataFrame(records.invalid_records(root), columns=["path", "reason"])
+    invalid = pd.DataFrame(bad, columns=["path", "reason"])
     return Results(root=root, runs=runs, best=best_table(runs) if len(runs) else pd.DataFrame(columns=KEY),
                    bench=bench_frame(recs), scores=scores_frame(recs), failed=failed, invalid=invalid)
 

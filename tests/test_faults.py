@@ -97,8 +97,9 @@ def test_bad_records_are_named_set_aside_and_listed(tmp_path, caplog):
     runs = tmp_path / "zoo" / "runs"
     for name, text in BAD.items():
         (runs / name).write_text(text if text is not None else json.dumps(typed))
-    assert [r["run_id"] for r in records.load_records(tmp_path)] == [good["run_id"]]
-    invalid = {Path(r["path"]).name: r["reason"] for r in records.invalid_records(tmp_path)}
+    valid, bad = records.scan(tmp_path)
+    assert [r["run_id"] for r in valid] == [good["run_id"]]
+    invalid = {Path(r["path"]).name: r["reason"] for r in bad}
     assert set(invalid) == set(BAD)
     assert "JSON list" in invalid["list.json"] and "not valid JSON" in invalid["truncated.json"]
     assert "no config" in invalid["noconfig.json"] and "kind 'mqarr'" in invalid["kind.json"]
@@ -111,6 +112,19 @@ def test_bad_records_are_named_set_aside_and_listed(tmp_path, caplog):
     report.write_report(tmp_path, tmp_path / "rep", execute=False)
     text = (tmp_path / "rep" / "table.md").read_text()
     assert "## Invalid records" in text and all(name in text for name in BAD)
+
+
+def test_an_invalid_record_that_cannot_be_moved_is_still_listed(tmp_path, monkeypatch):
+    mqar_record(tmp_path, "zoo", "gla", 64, 1e-3, 1, [0.5, 0.5])
+    (tmp_path / "zoo" / "runs" / "list.json").write_text("[]")
+
+    def read_only(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(records.os, "replace", read_only)
+    valid, bad = records.scan(tmp_path)
+    assert len(valid) == 1 and [Path(b["path"]).name for b in bad] == ["list.json"]
+    assert (tmp_path / "zoo" / "runs" / "list.json").exists()
 
 
 def test_a_truncated_record_is_set_aside_and_its_run_done_again(tmp_path):
