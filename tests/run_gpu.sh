@@ -2,6 +2,12 @@
 # GPU correctness: the kernel suites split over processes (compiling is CPU-bound), then the model-level ones.
 # The convolution, combination and pair-packing files run whole (their tiny cases too, on the GPU).
 cd "$(dirname "$0")/.."
+# A GPU host without pip install (no package index): make this checkout importable as installed, with
+# models/, kernels/, tasks/ and conf/ as mom_bench's sub-packages (pyproject.toml's package-dir).
+if ! python3 -c "import mom_bench.models" 2>/dev/null; then
+  for d in models kernels tasks conf; do ln -sfn ../$d mom_bench/$d; done
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 OUT=${OUT:-outputs/gpu_tests}
 mkdir -p $OUT/tests
 for algo in linear_attention scalar_decay gla "delta_rule and not gated" gated_delta_rule kda; do
