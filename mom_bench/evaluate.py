@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
 
-from mom_bench import records
+from mom_bench import records, runtime
 from mom_bench.config import EvalConfig, merge_checked, validate_eval
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def evaluate(cfg: Any) -> Dict[str, Any]:
                   "n_layers": model_cfg["n_layers"], "params": sum(p.numel() for p in lm.model.parameters()),
                   "state_size": {**state, "total_bytes": 4 * state["total"], "active_bytes": 4 * state["active"]}},
         "tokenizer": lm.tok.name, "tasks": list(cfg.tasks), "metadata": metadata,
-        "hardware": records.hardware(lm.device.type), "lm_eval_version": _version("lm_eval"),
+        "hardware": runtime.hardware(lm.device.type), "lm_eval_version": runtime.version("lm_eval"),
         "started_at": records.now(),
     }
     start = time.perf_counter()
@@ -126,12 +126,3 @@ def _checkpoint_model_config(path: Optional[str]) -> Dict[str, Any]:
     from mom_bench.checkpoint import read_config
 
     return dict(read_config(path)["model"])
-
-
-def _version(package: str) -> Optional[str]:
-    try:
-        from importlib.metadata import version
-
-        return version(package)
-    except Exception:  # noqa: BLE001 -- informational only
-        return None

@@ -49,6 +49,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, handle_arg_string, make_disjoint_window
 
+from mom_bench import runtime
 from mom_bench.models import GraphedDecoder
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class MomBenchLM(TemplateLM):
 
         if kwargs:
             log.warning("mom_bench: ignoring unknown model_args %s", sorted(kwargs))
-        self._device = _device(device)
+        self._device = runtime.device(device)
         if model is None:
             if not checkpoint:
                 raise ValueError("mom_bench model needs model_args checkpoint=<checkpoint folder>")
@@ -116,7 +117,7 @@ class MomBenchLM(TemplateLM):
         return self.tok.decode(list(tokens))
 
     def _autocast(self):
-        return torch.autocast(self._device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        return runtime.autocast(self._device, self.autocast_dtype)
 
     # --- scoring ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -278,17 +279,6 @@ def _select(state: Any, index: torch.Tensor) -> Any:
 
 def _name(tokenizer: Any) -> str:
     return getattr(tokenizer, "name", None) or str(tokenizer or "bytes")
-
-
-def _device(choice: Optional[str]) -> torch.device:
-    if choice in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(choice)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        # lm-eval's CLI passes --device cuda:0 unless told otherwise; its hf backend falls back too
-        log.warning("device=%s but CUDA is not available: running on the CPU", choice)
-        return torch.device("cpu")
-    return device
 
 
 def _dtypes(choice: str, device: torch.device) -> Tuple[torch.dtype, Optional[torch.dtype]]:

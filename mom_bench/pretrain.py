@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from mom_bench import checkpoint as ckpt
-from mom_bench import records
+from mom_bench import records, runtime
 from mom_bench.config import PretrainConfig, merge_checked, validate_pretrain
 
 log = logging.getLogger(__name__)
@@ -144,10 +144,8 @@ class Dist:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
-        if use_cuda and not torch.cuda.is_available():
-            raise RuntimeError("device=cuda but CUDA is not available")
-        self.device = torch.device("cuda", self.local_rank) if use_cuda else torch.device("cpu")
+        self.device = runtime.device(device_choice, self.local_rank)
+        use_cuda = self.device.type == "cuda"
         if use_cuda:
             torch.cuda.set_device(self.device)
         self.initialized_here = False
@@ -243,7 +241,7 @@ def pretrain(cfg: Any, on_step: Optional[Callable[[int, float], None]] = None) -
         summary = {"status": "complete", "out_dir": str(out), "steps": cfg.optim.max_steps,
                    "checkpoint": str(ckpt.step_dir(root, cfg.optim.max_steps)), "tokenizer": tokenizer.name,
                    "vocab_size": tokenizer.vocab_size, "params": sum(p.numel() for p in model.parameters()),
-                   "world_size": dist.world_size, "hardware": records.hardware(dist.device.type),
+                   "world_size": dist.world_size, "hardware": runtime.hardware(dist.device.type),
                    "config": config, **history,
                    "throughput_tokens_per_s": round(history["tokens"] / max(history["train_time_s"], 1e-9), 1)}
         if dist.main:
@@ -268,7 +266,7 @@ def _train_loop(cfg: PretrainConfig, model, optimizer, stream: PackedStream, dis
                 history: Dict[str, Any], save: Callable[[int], None],
                 on_step: Optional[Callable[[int, float], None]]) -> None:
     o = cfg.optim
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda" else nullcontext())
+    autocast = runtime.autocast(dist.device)
     log_every = max(cfg.log_every, o.max_steps // LOSS_POINTS)
     bar = tqdm(total=o.max_steps, initial=step, disable=not (cfg.progress and dist.main), desc="pretrain",
                dynamic_ncols=True)

@@ -11,8 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -234,29 +232,3 @@ def load_records(root: str | os.PathLike) -> List[Dict[str, Any]]:
 
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def hardware(device: str) -> Dict[str, Any]:
-    import torch
-
-    name = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
-    return {
-        "device": device,
-        "device_name": name,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "hostname": socket.gethostname(),
-    }
-
-
-def _cpu_name() -> str:
-    # platform.processor() is empty on most Linux systems; /proc/cpuinfo has the marketing name.
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

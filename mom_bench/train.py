@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import logging
 import math
-import platform
-import random
 import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from mom_bench import claims, records
-from mom_bench.graphs import Replay
+from mom_bench import claims, records, runtime
 from mom_bench.config import ConfigError, RunConfig, merge_checked, validate
+from mom_bench.graphs import Replay
 
 log = logging.getLogger(__name__)
 
@@ -104,22 +101,6 @@ def _write(path, record: Dict[str, Any]) -> None:
         log.error("could not write %s (%s); the record is at %s", path, exc, fallback)
 
 
-def _device(choice: str) -> torch.device:
-    # Checked here, not in validate: a sweep's main process (a Slurm login node) may have no GPU where
-    # its runs will have one.
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device=cuda but CUDA is not available on {platform.node()}")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
 def _lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up, then cosine from 1 to 0 over the remaining steps."""
     if step < warmup:
@@ -153,7 +134,7 @@ def correct_counter(model, device: torch.device) -> Callable:
     """(inputs, positions, targets) -> the number of correct predictions, as a device tensor."""
     @torch.no_grad()
     def correct(x, positions, y):
-        with _autocast(device):
+        with runtime.autocast(device):
             logits, _ = model(x, positions)
         return (logits.argmax(-1) == y).sum()
 
@@ -190,7 +171,7 @@ def train_step(model, opt, grad_clip: float, device: torch.device, graph: bool, 
     the query positions only, cross-entropy plus the auxiliary loss, backward, clipping, AdamW), replayed
     from a CUDA graph per batch shape when `graph`."""
     def step(x, positions, y):
-        with _autocast(device):
+        with runtime.autocast(device):
             logits, aux = model(x, positions)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) + aux
         opt.zero_grad(set_to_none=False)  # a graph's gradients live in buffers it keeps
@@ -203,18 +184,13 @@ def train_step(model, opt, grad_clip: float, device: torch.device, graph: bool, 
     return Replay(step, graph, name)
 
 
-def _autocast(device: torch.device):
-    # bf16 on the GPU as in the reference runs; CPU stays fp32 (CPU bf16 is slow and changes the numbers).
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
     from mom_bench.models import build_model
     from mom_bench.tasks.mqar import build_mqar
 
-    _seed_everything(cfg.seed)
-    device = _device(cfg.device)
-    record["hardware"] = records.hardware(device.type)
+    runtime.seed_everything(cfg.seed)
+    device = runtime.device(cfg.device)
+    record["hardware"] = runtime.hardware(device.type)
     train_slices, test_slices = build_mqar(cfg.data)
     model = build_model(cfg.model, cfg.data.vocab_size).to(device)
     state = model.state_size(max(s.seq_len for s in test_slices))  # attention's cache grows with length

@@ -358,3 +358,23 @@ def test_a_sweep_whose_summary_fails_exits_non_zero(tmp_path, monkeypatch):
     monkeypatch.setattr(mom_bench.summary, "summarize", disk_full)
     with pytest.raises(SystemExit, match="(?s)1 of 1 points complete.*the summary of .*No space left"):
         callback.on_multirun_end(config=None)
+
+
+def test_one_device_choice_for_every_command():
+    import torch
+
+    from mom_bench import runtime
+    from mom_bench.pretrain import Dist
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    assert runtime.device("auto") == runtime.device(None) == runtime.device("cpu") == torch.device("cpu")
+    for choice in ("cuda", "cuda:1"):
+        with pytest.raises(RuntimeError, match=f"device={choice} but CUDA is not available"):
+            runtime.device(choice)
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        Dist("cuda")
+    from mom_bench.lm_eval_model import MomBenchLM
+
+    with pytest.raises(RuntimeError, match="CUDA is not available"):  # no silent run on the CPU
+        MomBenchLM(device="cuda")

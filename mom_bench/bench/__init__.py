@@ -39,9 +39,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from mom_bench import records
+from mom_bench import records, runtime
 
-from .cases import SUITES, Case, Contender, Fn, build_cases, fla_version
+from .cases import SUITES, Case, Contender, Fn, build_cases
 
 __all__ = ["main", "run_case", "build_cases", "Case", "Contender", "SUITES"]
 
@@ -158,7 +158,7 @@ def hardware() -> dict:
 
     return dict(device_name=torch.cuda.get_device_name(), started=time.strftime("%Y%m%d-%H%M%S"),
                 torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-                python=platform.python_version(), fla=fla_version())
+                python=platform.python_version(), fla=runtime.version("fla-core"))
 
 
 def markdown(cases: List[Case], hw: dict, command: str) -> str:

@@ -3,7 +3,7 @@ here, lazily, inside its contenders, and nowhere in the models."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 
@@ -282,12 +282,3 @@ def build_cases(suites, dtype, quick: bool) -> List[Case]:
 
 
 # --- running and reporting ---------------------------------------------------------------------------
-
-
-def fla_version() -> Optional[str]:
-    try:
-        from importlib.metadata import version
-
-        return version("fla-core")
-    except Exception:  # noqa: BLE001 - not installed, or installed without metadata
-        return None

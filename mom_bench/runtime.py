@@ -1,0 +1,71 @@
+"""What every command asks of the machine it runs on, with one behaviour for all of them: the device, mixed
+precision, seeding, and the description of the hardware and package versions that records carry."""
+from __future__ import annotations
+
+import os
+import platform
+import random
+import socket
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+
+def device(choice: Optional[str] = "auto", local_rank: Optional[int] = None) -> torch.device:
+    """`auto` (or None): CUDA if there is a GPU, else the CPU; `cpu`; `cuda` or `cuda:N`, which must exist.
+    Under torchrun `local_rank` picks each process's GPU for `auto` and `cuda`. Asking for CUDA where
+    there is none is an error, never a silent run on the CPU."""
+    if choice in (None, "", "auto"):
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(choice)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={choice} but CUDA is not available on {platform.node()}")
+        if dev.index is None and local_rank is not None:
+            dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def autocast(dev: torch.device, dtype: Any = "auto"):
+    """Mixed precision on `dev`: `auto` is bf16 on the GPU, as the reference runs train, and none on the
+    CPU (CPU bf16 is slow and changes the numbers); a dtype forces it; None turns it off."""
+    if dtype == "auto":
+        dtype = torch.bfloat16 if dev.type == "cuda" else None
+    return torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def hardware(device_type: str) -> Dict[str, Any]:
+    """What a record says about where it ran."""
+    name = torch.cuda.get_device_name() if device_type == "cuda" else _cpu_name()
+    return {"device": device_type, "device_name": name, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "hostname": socket.gethostname()}
+
+
+def version(package: str) -> Optional[str]:
+    """The installed version of a distribution, or None."""
+    try:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as _version
+
+        return _version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    # platform.processor() is empty on most Linux systems; /proc/cpuinfo has the marketing name.
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
