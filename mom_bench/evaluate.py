@@ -76,13 +76,10 @@ def evaluate(cfg: Any) -> Dict[str, Any]:
     identity = {"checkpoint": lm.checkpoint_path, "tasks": cfg.tasks, "limit": cfg.limit, "metadata": metadata,
                 "num_fewshot": cfg.num_fewshot, "max_length": cfg.max_length, "include_path": include_path}
     rid = _run_id(label, model_cfg["d_model"], identity)
-    state = lm.model.state_size(cfg.max_length)
     record: Dict[str, Any] = {
         "kind": "eval", "run_id": rid, "status": "failed", "reason": None,
         "config": {"model": model_cfg, "eval": config}, "checkpoint": lm.checkpoint_path,
-        "model": {"label": label, "mixer": model_cfg["mixer"], "d_model": model_cfg["d_model"],
-                  "n_layers": model_cfg["n_layers"], "params": sum(p.numel() for p in lm.model.parameters()),
-                  "state_size": {**state, "total_bytes": 4 * state["total"], "active_bytes": 4 * state["active"]}},
+        "model": records.model_summary(lm.model, model_cfg, cfg.max_length),
         "tokenizer": lm.tok.name, "tasks": list(cfg.tasks), "metadata": metadata,
         "hardware": runtime.hardware(lm.device.type), "lm_eval_version": runtime.version("lm_eval"),
         "started_at": records.now(),

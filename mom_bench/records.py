@@ -38,6 +38,15 @@ def model_label(model: Dict[str, Any]) -> str:
     return "+".join(name if n == 1 else f"{name}x{n}" for name, n in runs)
 
 
+def model_summary(model, config: Dict[str, Any], seq_len: int) -> Dict[str, Any]:
+    """The `model` block of a record: label, size and recurrent state (fp32 bytes) at `seq_len` tokens
+    (attention's KV cache grows with the length; a memory's state does not)."""
+    state = model.state_size(seq_len)
+    return {"label": model_label(config), "mixer": config["mixer"], "d_model": config["d_model"],
+            "n_layers": config["n_layers"], "params": sum(p.numel() for p in model.parameters()),
+            "state_size": {**state, "total_bytes": 4 * state["total"], "active_bytes": 4 * state["active"]}}
+
+
 def slice_name(s: Dict[str, Any]) -> str:
     return f"L{s['seq_len']}_n{s['num_kv_pairs']}"
 

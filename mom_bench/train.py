@@ -193,13 +193,7 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
     record["hardware"] = runtime.hardware(device.type)
     train_slices, test_slices = build_mqar(cfg.data)
     model = build_model(cfg.model, cfg.data.vocab_size).to(device)
-    state = model.state_size(max(s.seq_len for s in test_slices))  # attention's cache grows with length
-    record["model"] = {
-        "label": records.model_label(record["config"]["model"]), "mixer": cfg.model.mixer,
-        "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers,
-        "params": sum(p.numel() for p in model.parameters()),
-        "state_size": {**state, "total_bytes": 4 * state["total"], "active_bytes": 4 * state["active"]},
-    }
+    record["model"] = records.model_summary(model, record["config"]["model"], max(s.seq_len for s in test_slices))
 
     o = cfg.optim
     # On CUDA the train and evaluation steps are replayed from CUDA graphs (mom_bench.graphs) unless
