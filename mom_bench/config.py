@@ -78,7 +78,7 @@ class RunConfig:
     seed: int = 123
     device: str = "auto"  # auto | cpu | cuda
     results_dir: str = "outputs"  # run records land under <results_dir>/runs/
-    sweep_name: str = "default"
+    sweep_name: str = "single"  # a sweep file names its own
     progress: bool = True
     cuda_graph: bool = True  # on CUDA, replay the train and evaluation steps from CUDA graphs
 

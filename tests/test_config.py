@@ -158,3 +158,36 @@ def test_optional_launcher_files_use_the_plugins_keys():
     assert {"override /hydra/launcher": "ray"} in ray.defaults
     assert set(ray.hydra.launcher) == {"ray"} and set(ray.hydra.launcher.ray) <= {"init", "remote"}
     assert composed("launcher=parallel", hydra=True).hydra.launcher.n_jobs == 2
+
+
+def test_yaml_files_state_only_what_differs_from_their_schema():
+    """A config file that restates its dataclass's default hides which of its values matter, and goes
+    stale when the default changes."""
+    import dataclasses
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from mom_bench.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, PretrainConfig, RunConfig
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    schemas = {"config.yaml": RunConfig, "pretrain.yaml": PretrainConfig, "eval.yaml": EvalConfig,
+               **{f"model/{p.name}": ModelConfig for p in (conf / "model").glob("*.yaml")},
+               **{f"data/{p.name}": DataConfig for p in (conf / "data").glob("*.yaml")},
+               **{f"optim/{p.name}": OptimConfig for p in (conf / "optim").glob("*.yaml")}}
+
+    def restated(values, schema, prefix=""):
+        defaults = {f.name: getattr(schema(), f.name) for f in dataclasses.fields(schema)}
+        for key, value in (values or {}).items():
+            # a model file names its mixer even where it is the default: the file is that mixer
+            if key in ("defaults", "hydra", "mixer") or key not in defaults:
+                continue
+            default = defaults[key]
+            if dataclasses.is_dataclass(default) and isinstance(value, dict):
+                yield from restated(value, type(default), f"{prefix}{key}.")
+            elif value == (dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default):
+                yield f"{prefix}{key}"
+
+    found = {name: list(restated(OmegaConf.to_container(OmegaConf.load(conf / name)), schema))
+             for name, schema in schemas.items()}
+    assert {name: keys for name, keys in found.items() if keys} == {}
