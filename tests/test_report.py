@@ -260,7 +260,7 @@ def test_figure_captions_are_whole_sentences(root):
     for spec in report.figure_specs(res):
         [text] = [c["source"] for c in cells if c["source"].startswith(f"## {spec.stem}\n")]
         caption = text.split("\n\n", 1)[1]
-        doc = getattr(report, spec.function).__doc__
+        doc = spec.function.__doc__
         assert caption.endswith(".") and caption == " ".join(doc.split("\n\n")[0].split())
 
 
