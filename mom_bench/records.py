@@ -1,8 +1,29 @@
-"""Run records: one JSON file per training run, at ``<results_dir>/runs/<run_id>.json``.
+"""Run records, the contract between train, eval, bench and report: one JSON file per run at
+``<results_dir>/runs/<run_id>.json``, written by `write_record` (atomic, the user's umask) and read back
+only through `read_record` / `scan`, which check the fields below (`problem`) and set a bad record aside in
+``runs/invalid/`` with the reason.
 
-A record is the only output a run leaves that later steps read (the sweep table, the reports), so it holds
-everything needed to interpret the run without the code that made it: the resolved config, the model's
-size and state, accuracies, the loss curve, timing and the hardware.
+A record is the only output a run leaves that later steps read, so it holds everything needed to interpret
+the run without the code that made it. Every record has
+
+    kind      "mqar" (mom_bench.train), "eval" (mom_bench.evaluate) or "bench" (mom_bench.bench); MQAR
+              records written before kinds existed have none, which reads as "mqar"
+    run_id    the file's name without .json
+    status    "complete", "failed" (with `reason` and `traceback`) or "running" (a benchmark saving its
+              progress)
+    hardware  `runtime.hardware`: device, device_name, cpu_count, torch, python, hostname
+
+and, by kind:
+
+    mqar   config (the resolved RunConfig: model, data, optim, seed, ...), model (`model_summary`: label,
+           mixer, d_model, n_layers, params, state_size with total/active elements and fp32 bytes at the
+           longest test length), accuracy {slice: fraction} and mean_accuracy of the best epoch, best_epoch,
+           epochs_run, steps, eval_history, loss_curve [[step, loss], ...], train_tokens, train_time_s,
+           throughput_tokens_per_s, cuda_graphs, started_at, ended_at, wall_time_s
+    eval   config {model, eval}, checkpoint, model (`model_summary` at max_length), tokenizer, tasks,
+           metadata, scores {task: value}, metrics, results (lm-eval's), n_samples, lm_eval_version
+    bench  command, seconds, timings [{suite, case, name, pass, batch_size, seq_len, ms, ratio, peak_mb,
+           tokens_per_s, ...}] (`tokens_per_s` may be left out when ms and batch_size are given)
 """
 from __future__ import annotations
 

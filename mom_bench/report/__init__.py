@@ -17,22 +17,8 @@ under `root`, at any depth, so one report can cover several sweeps, and writes
 The notebook is executed with nbclient and ipykernel and exported with nbconvert; without them it is written
 unexecuted (with a warning) and tables and figures are unaffected. `--no-execute` skips the execution.
 
-Record kinds. Every record lives in a `runs/` folder; its optional `kind` key says what it holds:
-
-- absent or `"mqar"`: an MQAR training run (mom_bench.train; format in mom_bench.records).
-- `"bench"`: a timing run. Expected shape (no command writes these yet; the figure is drawn only when one
-  exists)::
-
-      {"kind": "bench", "run_id": "...", "status": "complete", "reason": null,
-       "hardware": {"device_name": "NVIDIA H200", ...},
-       "timings": [{"name": "mom (triton)", "seq_len": 2048, "batch_size": 8, "pass": "fwd+bwd",
-                    "ms": 3.2, "tokens_per_s": 5.1e6}, ...]}
-
-  `tokens_per_s` may be left out when `ms` and `batch_size` are given; `pass` defaults to "fwd".
-- any record with a `scores` dict (`"kind": "eval"` from `python -m mom_bench eval`): real-task scores::
-
-      {"kind": "eval", "run_id": "...", "status": "complete", "config": {"model": {...}},
-       "model": {"label": "mom", "d_model": 128}, "scores": {"fda": 0.41, "swde": 0.33, "squad": 0.20}}
+Records: their kinds and fields are documented in mom_bench.records, which reads and checks them; MQAR
+runs become `runs` and `best`, bench timings `bench`, eval scores `scores`.
 
 Tables. Per (sweep, model, d_model, train data) the learning rate whose accuracy, averaged over seeds, is
 highest is kept, as the Zoology and Based papers report; its accuracies are the mean over seeds with the
