@@ -1,6 +1,6 @@
 """The shared memory core of every mom_bench mixer.
 
-`memory_op` runs the chunked (parallel) form, `memory_step` one decoding step, `short_conv` the short
+`chunk` runs the chunked (parallel) form, `step` one decoding step, `short_conv` the short
 convolution before the recurrence, `pack_pairs` MoM's packing of routed tokens into segments, `combine`
 MoM's weighted sum of each token's memory outputs after it, `gated_rms_norm` the gated norm after that.
 The first two take the switches of `reference` (decay g, beta, delta rule, q/k normalisation). Two
@@ -43,12 +43,12 @@ def _triton(x):
     return triton_chunk
 
 
-def memory_op(q, k, v, g=None, beta=None, delta=False, scale=None, initial_state=None, cu_seqlens=None,
+def chunk(q, k, v, g=None, beta=None, delta=False, scale=None, initial_state=None, cu_seqlens=None,
               normalize_qk=False, chunk_size=64):
     kw = dict(g=g, beta=beta, delta=delta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
               normalize_qk=normalize_qk, chunk_size=chunk_size)
     tc = _triton(q)
-    return tc.chunk_memory(q, k, v, **kw) if tc else reference.chunked(q, k, v, **kw)
+    return tc.chunk(q, k, v, **kw) if tc else reference.chunk(q, k, v, **kw)
 
 
 def short_conv(x, weight, bias, pos, split=()):
@@ -88,13 +88,13 @@ def pack_pairs(index, num_memories, shared):
     return triton_pack_pairs(index, num_memories, shared)
 
 
-def memory_step(q, k, v, state, g=None, beta=None, delta=False, scale=None, normalize_qk=False, index=None):
+def step(q, k, v, state, g=None, beta=None, delta=False, scale=None, normalize_qk=False, index=None):
     """One decoding step (see `reference.step`); with `index`, the states are rows of a pool, updated in
     place."""
     kw = dict(g=g, beta=beta, delta=delta, scale=scale, normalize_qk=normalize_qk, index=index)
     tc = _triton(q)
-    return tc.step_memory(q, k, v, state, **kw) if tc else reference.step(q, k, v, state, **kw)
+    return tc.step(q, k, v, state, **kw) if tc else reference.step(q, k, v, state, **kw)
 
 
-__all__ = ["memory_op", "memory_step", "short_conv", "pack_pairs", "combine", "gated_rms_norm", "set_backend",
+__all__ = ["chunk", "step", "short_conv", "pack_pairs", "combine", "gated_rms_norm", "set_backend",
            "get_backend", "reference", "l2norm", "segment_positions"]

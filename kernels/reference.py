@@ -21,7 +21,7 @@ g is the log of the decay (<= 0). Tensors are (B, T, H, D) as in flash-linear-at
 (N + 1 offsets into the time axis) B must be 1 and each of the N segments starts from its own initial
 state; segments may be empty. States are (N or B, H, K, V) and always float32 (float64 for float64 inputs).
 
-`recurrent` steps token by token (the ground truth, and `step` is what decoding calls); `chunked` is the
+`recurrent` steps token by token (the ground truth, and `step` is what decoding calls); `chunk` is the
 parallel form used for training on the CPU and as the reference for the Triton kernels.
 """
 from __future__ import annotations
@@ -166,7 +166,7 @@ def _to_padded(x: Optional[Tensor], seg: Tensor, pos: Tensor, n: int, width: int
     return out
 
 
-def chunked(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None, beta: Optional[Tensor] = None,
+def chunk(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None, beta: Optional[Tensor] = None,
             delta: bool = False, scale: Optional[float] = None, initial_state: Optional[Tensor] = None,
             cu_seqlens: Optional[Tensor] = None, normalize_qk: bool = False,
             chunk_size: int = 64) -> Tuple[Tensor, Tensor]:
@@ -183,7 +183,7 @@ def chunked(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None, beta: O
         seg, pos = segment_positions(cu)
         if delta and beta is None:  # padding must carry beta = 0, so spell out the implicit 1
             beta = torch.ones_like(q[..., 0])
-        o_p, final = chunked(*(_to_padded(x, seg, pos, n, width) for x in (q, k, v, g)),
+        o_p, final = chunk(*(_to_padded(x, seg, pos, n, width) for x in (q, k, v, g)),
                              beta=_to_padded(beta, seg, pos, n, width), delta=delta, scale=scale,
                              initial_state=initial_state, normalize_qk=normalize_qk, chunk_size=chunk_size)
         return o_p[seg, pos][None], final

@@ -1337,11 +1337,11 @@ def _backward(p: "_Plan", q, k, v, g, beta, do, Ai, h0, dht, dq, dk, dv, dg, db,
                                **p.switches(), **p.launch("_dqk", "dqk"))
 
 
-def chunk_memory(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None, beta: Optional[Tensor] = None,
+def chunk(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None, beta: Optional[Tensor] = None,
                  delta: bool = False, scale: Optional[float] = None, initial_state: Optional[Tensor] = None,
                  cu_seqlens: Optional[Tensor] = None, normalize_qk: bool = False,
                  chunk_size: int = 64) -> Tuple[Tensor, Tensor]:
-    """The chunked memory recurrence on Triton: the signature and results of `reference.chunked`.
+    """The chunked memory recurrence on Triton: the signature and results of `reference.chunk`.
 
     Returns (o (B, T, H, V) in v's dtype, final state (N, H, K, V) float32); differentiable wrt q, k, v,
     g, beta and initial_state. chunk_size is a hint: see `_config`.
@@ -1352,7 +1352,7 @@ def chunk_memory(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None, be
                                      chunk_size)
 
 
-def step_memory(q: Tensor, k: Tensor, v: Tensor, state: Tensor, g: Optional[Tensor] = None,
+def step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, g: Optional[Tensor] = None,
                 beta: Optional[Tensor] = None, delta: bool = False, scale: Optional[float] = None,
                 normalize_qk: bool = False, index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """One decoding step on Triton, as `reference.step`: q, k (B, H, K), v (B, H, V), g (B, H) or
@@ -1391,4 +1391,4 @@ def step_memory(q: Tensor, k: Tensor, v: Tensor, state: Tensor, g: Optional[Tens
     return o, s_new
 
 
-__all__ = ["chunk_memory", "step_memory", "ChunkMemoryFunction"]
+__all__ = ["chunk", "step", "ChunkMemoryFunction"]

@@ -1,7 +1,7 @@
 """Recurrent-memory mixers: linear attention, GLA, Mamba-2, DeltaNet, Gated DeltaNet, and MoM.
 
 They are one module. A mixer holds M memories; each memory has its own key, value and gate projections
-and runs the shared core (`mom_bench.kernels.memory_op`) over the tokens it sees. Everything else is
+and runs the shared core (`mom_bench.kernels.chunk`) over the tokens it sees. Everything else is
 shared: the query projection, the short convolution (one over the q | k | v channels), the decay
 parameters, the gated output norm and the output projection.
 
@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import combine, memory_op, memory_step, pack_pairs
+from .. import kernels
+from ..kernels import combine, pack_pairs
 from .layers import GatedHeadNorm, ShortConv, inverse_softplus, upcast
 
 Tensor = torch.Tensor
@@ -233,7 +234,7 @@ class MemoryMixer(nn.Module):
         # the core knows the segments on the host). One view per tensor: each is a node of the backward.
         seqs = (1, len(proj)) if self.routed else (B, T)
         rows = lambda t, *d: None if t is None else t.view(*seqs, *(d or t.shape[1:]))
-        o, final = memory_op(rows(q, H, K), rows(k, H, K), rows(v, H, V), g=rows(g), beta=rows(beta),
+        o, final = kernels.chunk(rows(q, H, K), rows(k, H, K), rows(v, H, V), g=rows(g), beta=rows(beta),
                              delta=self.kind.delta, cu_seqlens=cu if self.routed else None,
                              normalize_qk=self.kind.normalize_qk, chunk_size=self.chunk_size)
         o = o.reshape(len(proj), H, V)  # a view of the Triton core's output (the reference's is transposed)
@@ -295,7 +296,7 @@ class MemoryMixer(nn.Module):
         q, k, v = qkv.split(self.widths[:3], -1)
         g, beta = self._gates(a, b)
         # The selected states are updated where they lie in the pool: no gathered copy to write back.
-        o, _ = memory_step(q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V)),
+        o, _ = kernels.step(q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V)),
                            state["S"].view(-1, H, K, V), g=g, beta=beta, delta=self.kind.delta,
                            normalize_qk=self.kind.normalize_qk, index=flat)
         o = upcast(o).view(B, A, H, V)

@@ -40,8 +40,8 @@ def test_mixer_on_triton_equals_reference(case, backend, monkeypatch):
     from mom_bench.kernels import triton_chunk
 
     calls = []
-    real = triton_chunk.chunk_memory
-    monkeypatch.setattr(triton_chunk, "chunk_memory", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = triton_chunk.chunk
+    monkeypatch.setattr(triton_chunk, "chunk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     torch.manual_seed(0)
     cfg = ModelConfig(**{**dict(d_model=32, num_heads=2, chunk_size=16, num_memories=3, topk=2), **case})
     mixer = build_mixer(case["mixer"], cfg).to(DEVICE)
@@ -65,13 +65,13 @@ def test_auto_picks_triton_exactly_on_cuda(backend, monkeypatch):
     from mom_bench.kernels import reference, triton_chunk
 
     calls = []
-    monkeypatch.setattr(triton_chunk, "chunk_memory", lambda *a, **kw: calls.append("triton"))
-    monkeypatch.setattr(reference, "chunked", lambda *a, **kw: calls.append("torch"))
+    monkeypatch.setattr(triton_chunk, "chunk", lambda *a, **kw: calls.append("triton"))
+    monkeypatch.setattr(reference, "chunk", lambda *a, **kw: calls.append("torch"))
     backend("auto")
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         q = torch.zeros(1, 4, 1, 8, device=device)
-        kernels.memory_op(q, q, q)
+        kernels.chunk(q, q, q)
     assert calls == ["torch"] + (["triton"] if torch.cuda.is_available() else [])
     backend("torch")
-    kernels.memory_op(torch.zeros(1, 4, 1, 8, device=DEVICE), *[torch.zeros(1, 4, 1, 8, device=DEVICE)] * 2)
+    kernels.chunk(torch.zeros(1, 4, 1, 8, device=DEVICE), *[torch.zeros(1, 4, 1, 8, device=DEVICE)] * 2)
     assert calls[-1] == "torch"

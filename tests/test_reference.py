@@ -60,7 +60,7 @@ def test_chunked_matches_recurrent(algo, T, chunk):
         return f
 
     rec = grads(unpack(lambda *a: call("recurrent", *a, kw)), inputs)
-    chk = grads(unpack(lambda *a: call("chunked", *a, kw, chunk_size=chunk)), inputs)
+    chk = grads(unpack(lambda *a: call("chunk", *a, kw, chunk_size=chunk)), inputs)
     for a, b in zip(rec, chk):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
 
@@ -72,13 +72,13 @@ def test_varlen_matches_separate_sequences(algo):
     q, k, v, kw = make_inputs(algo, B=1, T=T, seed=3)
     cu = torch.tensor([0] + lens).cumsum(0)
     h0 = torch.randn(len(lens), 2, 8, 6, dtype=torch.float64)
-    o, s = R.chunked(q, k, v, initial_state=h0, cu_seqlens=cu, chunk_size=8, **kw)
+    o, s = R.chunk(q, k, v, initial_state=h0, cu_seqlens=cu, chunk_size=8, **kw)
     o_rec, s_rec = R.recurrent(q, k, v, initial_state=h0, cu_seqlens=cu, **kw)
     torch.testing.assert_close(o, o_rec, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(s, s_rec, rtol=1e-9, atol=1e-9)
     for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
         sub = {key: (x[:, a:b] if torch.is_tensor(x) else x) for key, x in kw.items()}
-        o_n, s_n = R.chunked(q[:, a:b], k[:, a:b], v[:, a:b], initial_state=h0[n:n + 1], chunk_size=8, **sub)
+        o_n, s_n = R.chunk(q[:, a:b], k[:, a:b], v[:, a:b], initial_state=h0[n:n + 1], chunk_size=8, **sub)
         torch.testing.assert_close(o[:, a:b], o_n)
         torch.testing.assert_close(s[n:n + 1], s_n)
         if a == b:  # an empty segment hands its initial state through untouched
@@ -104,8 +104,8 @@ def test_step_is_the_recurrence_written_out():
 def test_bad_shapes_raise_clear_errors():
     q = torch.randn(2, 5, 1, 4)
     with pytest.raises(ValueError, match="batch size must be 1"):
-        R.chunked(q, q, q, cu_seqlens=torch.tensor([0, 5]))
+        R.chunk(q, q, q, cu_seqlens=torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="cu_seqlens must rise"):
-        R.chunked(q[:1], q[:1], q[:1], cu_seqlens=torch.tensor([0, 3, 2, 5]))
+        R.chunk(q[:1], q[:1], q[:1], cu_seqlens=torch.tensor([0, 3, 2, 5]))
     with pytest.raises(ValueError, match="g must be"):
-        R.chunked(q, q, q, g=torch.zeros(2, 5))
+        R.chunk(q, q, q, g=torch.zeros(2, 5))

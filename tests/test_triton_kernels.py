@@ -101,8 +101,8 @@ def check(algo, B, T, H, K, V, chunk, h0, norm, seed, tol=2e-5, spec=None, cu_se
     inputs, delta = make_inputs(algo, B, T, H, K, V, seed, h0=h0, N=N, spec=spec)
     kw = dict(delta=delta, normalize_qk=norm, chunk_size=chunk, cu_seqlens=cu_seqlens, scale=scale)
     rounded = {n: (x.to(dtype).double() if n in ("q", "k", "v", "beta") else x) for n, x in inputs.items()}
-    ref = run(R.chunked, rounded, torch.float64, **kw)
-    got = run(TC.chunk_memory, inputs, dtype, **kw)
+    ref = run(R.chunk, rounded, torch.float64, **kw)
+    got = run(TC.chunk, inputs, dtype, **kw)
     compare(got, ref, tol, metric)
 
 
@@ -151,7 +151,7 @@ def test_per_channel_sub_chunks(algo, monkeypatch):
     inputs, delta = make_inputs(algo, 1, 45, 2, 16, 16, seed=21)
     inputs["g"] = inputs["g"] * 10 - 1
     kw = dict(delta=delta, normalize_qk=True, chunk_size=32)
-    compare(run(TC.chunk_memory, inputs, torch.float32, **kw), run(R.chunked, inputs, torch.float64, **kw), 2e-5)
+    compare(run(TC.chunk, inputs, torch.float32, **kw), run(R.chunk, inputs, torch.float64, **kw), 2e-5)
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)
@@ -260,10 +260,10 @@ def test_grouped_backward_equals_one_group_in_bf16(algo, monkeypatch):
     cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0)
     inputs, delta = make_inputs(algo, 1, sum(lens), 1, 32, 16, seed=14, N=len(lens))
     kw = dict(delta=delta, normalize_qk=True, chunk_size=16, cu_seqlens=cu)
-    one = run(TC.chunk_memory, inputs, torch.bfloat16, **kw)
+    one = run(TC.chunk, inputs, torch.bfloat16, **kw)
     monkeypatch.setattr(TC, "WORKSPACE_BYTES", 1)
     monkeypatch.setattr(TC, "MIN_CHAINS", 1)
-    grouped = run(TC.chunk_memory, inputs, torch.bfloat16, **kw)
+    grouped = run(TC.chunk, inputs, torch.bfloat16, **kw)
     for name, x in one.items():
         assert torch.equal(grouped[name], x), name
 
@@ -322,8 +322,8 @@ def test_loss_of_one_output_and_no_initial_state(use):
     """The gradient of an output the loss ignores comes as None; chunk_size 8 is a hint (16 is used)."""
     inputs, delta = make_inputs("gated_delta_rule", 2, 20, 1, 16, 16, seed=3, h0=False)
     kw = dict(delta=delta, normalize_qk=True, chunk_size=8)
-    ref = run(R.chunked, inputs, torch.float64, use=use, **kw)
-    got = run(TC.chunk_memory, inputs, torch.float32, use=use, **kw)
+    ref = run(R.chunk, inputs, torch.float64, use=use, **kw)
+    got = run(TC.chunk, inputs, torch.float32, use=use, **kw)
     compare(got, ref, 2e-5)
 
 
@@ -336,14 +336,14 @@ def test_step_matches_reference(algo):
     kw = dict(q=one["q"], k=one["k"], v=one["v"], g=one.get("g"), beta=one.get("beta"), delta=delta,
               normalize_qk=delta)
     o_ref, s_ref = R.step(state=one["initial_state"], **kw)
-    o, s = TC.step_memory(state=one["initial_state"].float(), **{n: (t.float() if torch.is_tensor(t) else t)
+    o, s = TC.step(state=one["initial_state"].float(), **{n: (t.float() if torch.is_tensor(t) else t)
                                                                    for n, t in kw.items()})
     compare({"o": o.double(), "state": s.double()}, {"o": o_ref, "state": s_ref}, 2e-6)
 
 
 @pytest.mark.parametrize("algo", ["gated_delta_rule", "kda", "linear_attention"])
 def test_step_into_a_pool_updates_only_the_indexed_rows(algo):
-    """With index, step_memory reads and writes rows of a state pool in place: the indexed rows (taken in
+    """With index, step reads and writes rows of a state pool in place: the indexed rows (taken in
     an order unlike the batch's) become the reference's new states, the other rows stay as they were."""
     delta = ALGORITHMS[algo][2]
     B, H, K, V, N = 3, 2, 16, 32, 7
@@ -356,7 +356,7 @@ def test_step_into_a_pool_updates_only_the_indexed_rows(algo):
     want = pool.clone()
     want[index] = s_ref.float()
     got = pool.clone()
-    o, out = TC.step_memory(state=got, **kw, delta=delta, normalize_qk=delta, index=index)
+    o, out = TC.step(state=got, **kw, delta=delta, normalize_qk=delta, index=index)
     assert out.data_ptr() == got.data_ptr()
     compare({"o": o.double(), "pool": got.double()}, {"o": o_ref, "pool": want.double()}, 2e-6)
     # The reference's pool form does the same.
@@ -370,26 +370,26 @@ def test_step_into_a_pool_refuses_what_it_cannot_update_in_place():
     kw = {n: t[:, 0].float() for n, t in x.items() if n != "initial_state"}
     pool = torch.zeros(16, 2, 16, 4, device=DEVICE).transpose(0, 3)  # (4, 2, 16, 16), not contiguous
     with pytest.raises(ValueError, match="contiguous"):
-        TC.step_memory(state=pool, **kw, delta=True, index=torch.tensor([0, 1], device=DEVICE))
+        TC.step(state=pool, **kw, delta=True, index=torch.tensor([0, 1], device=DEVICE))
     with pytest.raises(ValueError, match="pool"):
-        TC.step_memory(state=torch.zeros(4, 2, 16, 8, device=DEVICE), **kw, delta=True,
+        TC.step(state=torch.zeros(4, 2, 16, 8, device=DEVICE), **kw, delta=True,
                        index=torch.tensor([0, 1], device=DEVICE))
 
 
 @pytest.mark.parametrize("algo", ["gated_delta_rule", "kda"])
 def test_decoding_continues_the_chunked_form(algo):
-    """chunk_memory over a prefix, then step_memory token by token, equals chunk_memory over all."""
+    """chunk over a prefix, then step token by token, equals chunk over all."""
     delta = ALGORITHMS[algo][2]
     x, _ = make_inputs(algo, 1, 20, 2, 16, 16, seed=9)
     x = {n: t.float() for n, t in x.items()}
     seq = {n: t for n, t in x.items() if n != "initial_state"}
     kw = dict(delta=delta, normalize_qk=True)
-    o_all, s_all = TC.chunk_memory(**seq, initial_state=x["initial_state"], chunk_size=16, **kw)
+    o_all, s_all = TC.chunk(**seq, initial_state=x["initial_state"], chunk_size=16, **kw)
     prefix = {n: t[:, :17] for n, t in seq.items()}
-    o, s = TC.chunk_memory(**prefix, initial_state=x["initial_state"], chunk_size=16, **kw)
+    o, s = TC.chunk(**prefix, initial_state=x["initial_state"], chunk_size=16, **kw)
     outs = [o]
     for t in range(17, 20):
-        o_t, s = TC.step_memory(state=s, **{n: v[:, t] for n, v in seq.items()}, **kw)
+        o_t, s = TC.step(state=s, **{n: v[:, t] for n, v in seq.items()}, **kw)
         outs.append(o_t[:, None])
     compare({"o": torch.cat(outs, 1), "state": s}, {"o": o_all, "state": s_all}, 1e-5)
 
@@ -437,7 +437,7 @@ def test_gpu_step(algo, D, dtype):
     kw = dict(g=one.get("g"), beta=one.get("beta"), delta=delta, normalize_qk=delta)
     qkv = {n: one[n].to(dtype) for n in ("q", "k", "v")}
     o_ref, s_ref = R.step(**{n: t.double() for n, t in qkv.items()}, state=one["initial_state"], **kw)
-    o, s = TC.step_memory(**qkv, state=one["initial_state"].float(),
+    o, s = TC.step(**qkv, state=one["initial_state"].float(),
                           **{n: (t.float() if torch.is_tensor(t) else t) for n, t in kw.items()})
     assert o.dtype == dtype and s.dtype == torch.float32
     tol, metric = GPU_TOL[dtype]
@@ -446,6 +446,6 @@ def test_gpu_step(algo, D, dtype):
     pool = torch.randn(12, *s.shape[1:], device=DEVICE)
     index = torch.randperm(12, device=DEVICE)[:8]
     pool[index] = one["initial_state"].float()
-    o2, _ = TC.step_memory(**qkv, state=pool, index=index,
+    o2, _ = TC.step(**qkv, state=pool, index=index,
                            **{n: (t.float() if torch.is_tensor(t) else t) for n, t in kw.items()})
     compare({"o": o2.double(), "state": pool[index].double()}, {"o": o_ref, "state": s_ref}, tol, metric)

@@ -77,10 +77,10 @@ def gdn_inputs(B, T, H, K, dtype, grad=True):
 
 def kernel_case(B, T, H, K, dtype) -> Case:
     def ours():
-        from mom_bench.kernels.triton_chunk import chunk_memory
+        from mom_bench.kernels.triton_chunk import chunk
 
         x = gdn_inputs(B, T, H, K, dtype)
-        return passes(lambda: chunk_memory(x[0], x[1], x[2], g=x[3], beta=x[4], delta=True,
+        return passes(lambda: chunk(x[0], x[1], x[2], g=x[3], beta=x[4], delta=True,
                                            normalize_qk=True)[0], list(x))
 
     def fla():
@@ -133,7 +133,7 @@ def decode_case(contexts, dtype) -> Case:
     B, H, K, M, active = 8, 4, 256, 5, 3  # 4 routed memories + shared; top-2 + shared updated per token
 
     def ours():
-        from mom_bench.kernels import memory_step
+        from mom_bench import kernels
 
         S = torch.zeros(B, M, H, K, K, device="cuda")
         idx = torch.stack([torch.randperm(M - 1, device="cuda")[:2] for _ in range(B)])
@@ -144,7 +144,7 @@ def decode_case(contexts, dtype) -> Case:
         flat = (torch.arange(B, device="cuda")[:, None] * M + idx).flatten()
 
         def step():  # as MemoryMixer.step: the selected memories updated in place in the pool
-            return memory_step(q, k, v, S.view(B * M, H, K, K), g=g, beta=beta, delta=True, normalize_qk=True,
+            return kernels.step(q, k, v, S.view(B * M, H, K, K), g=g, beta=beta, delta=True, normalize_qk=True,
                                index=flat)[0]
 
         return {"step": step}

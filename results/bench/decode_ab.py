@@ -10,7 +10,7 @@ import time
 import torch
 from triton.testing import do_bench
 
-from mom_bench.kernels import memory_step
+from mom_bench.kernels import step
 
 B, H, K, M, A = 8, 4, 256, 5, 3
 dt = torch.bfloat16
@@ -25,13 +25,13 @@ pool = S.view(B * M, H, K, K)
 
 
 def old():
-    o, s = memory_step(q, k, v, pool.index_select(0, flat), g=g, beta=beta, delta=True, normalize_qk=True)
+    o, s = step(q, k, v, pool.index_select(0, flat), g=g, beta=beta, delta=True, normalize_qk=True)
     pool.index_copy_(0, flat, s)
     return o
 
 
 def new():
-    return memory_step(q, k, v, pool, g=g, beta=beta, delta=True, normalize_qk=True, index=flat)[0]
+    return step(q, k, v, pool, g=g, beta=beta, delta=True, normalize_qk=True, index=flat)[0]
 
 
 S0 = S.clone()
