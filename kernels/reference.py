@@ -8,10 +8,10 @@ One recurrence covers them all. With the state S of shape (K, V) per head, read 
     S_t  = S'_t + k_t u_t^T
     o_t  = S_t^T (scale * q_t)
 
-| algorithm | g | beta | delta |
+| algorithm | g (decay: none, head, channel) | beta | delta |
 |---|---|---|---|
 | linear attention | None | None | False |
-| scalar decay (Mamba-2 / SSD, RetNet) | (B, T, H) | None | False |
+| per-head decay (Mamba-2 / SSD, RetNet) | (B, T, H) | None | False |
 | per-channel decay (GLA) | (B, T, H, K) | None | False |
 | delta rule (DeltaNet) | None | (B, T, H) | True |
 | gated delta rule (Gated DeltaNet) | (B, T, H) | (B, T, H) | True |

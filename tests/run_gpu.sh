@@ -10,7 +10,7 @@ if ! python3 -c "import mom_bench.models" 2>/dev/null; then
 fi
 OUT=${OUT:-outputs/gpu_tests}
 mkdir -p $OUT/tests
-for algo in linear_attention scalar_decay gla "delta_rule and not gated" gated_delta_rule kda; do
+for algo in linear_attention head_decay gla "delta_rule and not gated" gated_delta_rule kda; do
   timeout ${T1:-300} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_kernels.py -k "$algo" > "$OUT/tests/kernels_${algo%% *}.log" 2>&1 &
 done
 timeout ${T1:-300} python3 -m pytest -q -p no:cacheprovider tests/test_triton_conv.py tests/test_triton_combine.py tests/test_triton_pairs.py > $OUT/tests/conv_combine.log 2>&1 &

@@ -8,7 +8,7 @@ from mom_bench.kernels import reference as R
 # name: (per-channel decay, decay, beta, delta rule)
 ALGORITHMS = {
     "linear_attention": (False, False, False, False),
-    "scalar_decay": (False, True, False, False),
+    "head_decay": (False, True, False, False),
     "gla": (True, True, False, False),
     "delta_rule": (False, False, True, True),
     "gated_delta_rule": (False, True, True, True),

@@ -27,13 +27,13 @@ DEVICE = "cuda" if CUDA else "cpu"
 pytestmark = pytest.mark.skipif(not CUDA and not TC.INTERPRET, reason="needs CUDA or TRITON_INTERPRET=1")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
-# name: (decay: None, "scalar" (B, T, H) or "channel" (B, T, H, K); beta; delta rule)
+# name: (decay: None, "head" (B, T, H) or "channel" (B, T, H, K); beta; delta rule)
 ALGORITHMS = {
     "linear_attention": (None, False, False),
-    "scalar_decay": ("scalar", False, False),
+    "head_decay": ("head", False, False),
     "gla": ("channel", False, False),
     "delta_rule": (None, True, True),
-    "gated_delta_rule": ("scalar", True, True),
+    "gated_delta_rule": ("head", True, True),
     "kda": ("channel", True, True),
 }
 NAMES = ["q", "k", "v", "g", "beta", "initial_state"]
@@ -45,7 +45,7 @@ def make_inputs(algo, B, T, H, K, V, seed, h0=True, N=None, spec=None):
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen, device=DEVICE, dtype=torch.float64)
     x = dict(q=r(B, T, H, K), k=r(B, T, H, K) * K ** -0.5, v=r(B, T, H, V))
-    if decay == "scalar":
+    if decay == "head":
         x["g"] = F.logsigmoid(r(B, T, H) + 2)
     if decay == "channel":
         x["g"] = F.logsigmoid(r(B, T, H, K))
@@ -126,7 +126,7 @@ def test_chunk_matches_reference(algo, case):
     check(algo, B, 45, H, 16, 32, chunk, h0, norm, seed=hash((algo, case)) % 2**31)
 
 
-@pytest.mark.parametrize("spec", [(None, True, False), ("scalar", False, True), ("channel", False, True)],
+@pytest.mark.parametrize("spec", [(None, True, False), ("head", False, True), ("channel", False, True)],
                          ids=["beta_without_delta", "gated_delta_without_beta", "kda_without_beta"])
 def test_other_switches(spec):
     """beta scales a plain write; the delta rule without beta (beta = 1); K > V, explicit scale."""
@@ -173,16 +173,16 @@ def test_pipeline_stages_by_operands_and_shared_memory(monkeypatch):
     def stages(dtype, decay, smem, kernel):
         monkeypatch.setattr(TC, "_max_shared_mem", lambda device: smem)
         q = torch.zeros(1, 16, 1, 256, dtype=dtype, device=DEVICE)
-        g = {None: None, "scalar": torch.zeros(1, 16, 1), "channel": torch.zeros(1, 16, 1, 256)}[decay]
+        g = {None: None, "head": torch.zeros(1, 16, 1), "channel": torch.zeros(1, 16, 1, 256)}[decay]
         p = TC._Plan(q, q, q, g, None, True, None, None, False, 64)
         return p.launch("_h", kernel)["num_stages"]
     hopper, a100 = 227 * 1024, 163 * 1024
-    assert [stages(torch.bfloat16, "scalar", hopper, k) for k in ("h", "dh", "o", "dqk")] == [2, 2, 1, 1]
+    assert [stages(torch.bfloat16, "head", hopper, k) for k in ("h", "dh", "o", "dqk")] == [2, 2, 1, 1]
     assert [stages(torch.bfloat16, "channel", hopper, k) for k in ("h", "dh")] == [2, 1]
     assert [stages(torch.bfloat16, None, hopper, k) for k in ("h", "dh")] == [2, 2]
-    assert [stages(torch.float32, "scalar", hopper, k) for k in ("h", "dh")] == [1, 1]
-    assert [stages(torch.float16, "scalar", hopper, k) for k in ("h", "dh")] == [1, 1]
-    assert [stages(torch.bfloat16, "scalar", a100, k) for k in ("h", "dh")] == [1, 1]
+    assert [stages(torch.float32, "head", hopper, k) for k in ("h", "dh")] == [1, 1]
+    assert [stages(torch.float16, "head", hopper, k) for k in ("h", "dh")] == [1, 1]
+    assert [stages(torch.bfloat16, "head", a100, k) for k in ("h", "dh")] == [1, 1]
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)
@@ -314,7 +314,7 @@ def test_chunk_layout_checks_cu_seqlens(cu, total):
 def test_empty_sequences():
     cu = torch.zeros(3, dtype=torch.long, device=DEVICE)
     check("gated_delta_rule", 1, 0, 2, 16, 16, 16, True, True, seed=2, cu_seqlens=cu, N=2)
-    check("scalar_decay", 2, 0, 1, 16, 16, 16, True, False, seed=2)
+    check("head_decay", 2, 0, 1, 16, 16, 16, True, False, seed=2)
 
 
 @pytest.mark.parametrize("use", [("o",), ("state",)], ids=["output_only", "state_only"])
