@@ -15,6 +15,7 @@ from typing import Callable, Dict
 import torch.nn as nn
 
 from .attention import Attention
+from .config import ModelConfig
 from .layers import SwiGLU
 from .lm import GraphedDecoder, LanguageModel
 from .memory import KINDS, MemoryMixer
@@ -30,7 +31,7 @@ MIXERS: Dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_mixer(name: str, cfg) -> nn.Module:
+def build_mixer(name: str, cfg: ModelConfig) -> nn.Module:
     if name not in MIXERS:
         raise ValueError(f"unknown mixer {name!r}; known: {', '.join(sorted(MIXERS))}")
     kwargs = dict(d_model=cfg.d_model, num_heads=cfg.num_heads, head_dim=cfg.head_dim, conv_size=cfg.conv_size,
@@ -41,12 +42,12 @@ def build_mixer(name: str, cfg) -> nn.Module:
     return MIXERS[name](**kwargs)
 
 
-def build_model(cfg, vocab_size: int) -> LanguageModel:
+def build_model(cfg: ModelConfig, vocab_size: int) -> LanguageModel:
     """A LanguageModel from a ModelConfig: `pattern` (one mixer per layer) or `mixer` repeated n_layers times."""
     pattern = list(cfg.pattern) if cfg.pattern else [cfg.mixer] * cfg.n_layers
     mlp = partial(SwiGLU, cfg.d_model, cfg.mlp_ratio) if cfg.mlp == "swiglu" else None
     return LanguageModel(vocab_size, cfg.d_model, [build_mixer(n, cfg) for n in pattern], mlp, cfg.embed_dropout)
 
 
-__all__ = ["MIXERS", "KINDS", "build_model", "build_mixer", "GraphedDecoder", "LanguageModel", "MemoryMixer",
+__all__ = ["MIXERS", "KINDS", "ModelConfig", "build_model", "build_mixer", "GraphedDecoder", "LanguageModel", "MemoryMixer",
            "Attention"]

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from mom_bench import files
-from mom_bench.config import ModelConfig
+from mom_bench.models import ModelConfig
 
 FORMAT = "mom_bench-checkpoint"
 VERSION = 1

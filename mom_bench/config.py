@@ -12,30 +12,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from mom_bench.models.config import ModelConfig  # the model part of every schema below
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and what is allowed."""
-
-
-@dataclass
-class ModelConfig:
-    mixer: str = "gated_deltanet"  # one of mom_bench.models.MIXERS
-    d_model: int = 64
-    n_layers: int = 2
-    num_heads: int = 1
-    head_dim: Optional[int] = None  # default d_model // num_heads
-    pattern: Optional[List[str]] = None  # per-layer mixers for hybrids, e.g. [mom, mom, mom, attention]
-    mlp: str = "none"  # none (Zoology) | swiglu
-    mlp_ratio: float = 4.0
-    embed_dropout: float = 0.1
-    conv_size: int = 4  # short convolution before the recurrence; 0 disables it
-    chunk_size: int = 64
-    # MoM only
-    num_memories: int = 4
-    topk: int = 2
-    shared_memory: bool = True
-    memory: str = "gated_delta"  # a kind of mom_bench.models.KINDS: gated_delta, delta, gla, mamba2, linear
-    aux_loss_coef: float = 0.01
 
 
 @dataclass

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mom_bench import checkpoint as C
-from mom_bench.config import ModelConfig
+from mom_bench.models import ModelConfig
 from mom_bench.models import KINDS, MIXERS, build_model
 
 VOCAB = 50

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from mom_bench import kernels  # noqa: E402
-from mom_bench.config import ModelConfig  # noqa: E402
+from mom_bench.models import ModelConfig  # noqa: E402
 from mom_bench.models import build_mixer  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mom_bench.config import ModelConfig
+from mom_bench.models import ModelConfig
 from mom_bench.models import MIXERS, build_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

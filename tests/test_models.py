@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mom_bench.config import ModelConfig
+from mom_bench.models import ModelConfig
 from mom_bench.models import MIXERS, build_mixer, build_model
 from mom_bench.models.memory import _Gather, grouped_mm
 

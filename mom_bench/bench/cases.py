@@ -165,8 +165,7 @@ def decode_case(contexts, dtype) -> Case:
 
 def generate_case(contexts, dtype) -> Case:
     """Per-token decoding latency of whole LMs with a context of n tokens already in their state."""
-    from mom_bench.config import ModelConfig
-    from mom_bench.models import build_model
+    from mom_bench.models import ModelConfig, build_model
 
     B, D, layers, vocab = 8, 1024, 4, 32000
 
@@ -226,8 +225,8 @@ def train_case(B, T, D, H, n, target, vocab=8192, layers=2) -> Case:
     """One MQAR optimizer step of every mixer's 2-layer LM as `mom_bench.train` runs it (bf16 autocast,
     the head at n query positions, clipping, AdamW), eager and replayed from CUDA graphs, against LMs of
     the same shape whose mixers are flash-linear-attention layers, trained by the same step."""
-    from mom_bench.config import ModelConfig, OptimConfig
-    from mom_bench.models import MIXERS, LanguageModel, build_model
+    from mom_bench.config import OptimConfig
+    from mom_bench.models import MIXERS, LanguageModel, ModelConfig, build_model
     from mom_bench.train import optimizer, train_step
 
     def step(build, graph):

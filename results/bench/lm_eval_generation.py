@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from mom_bench.config import ModelConfig
+from mom_bench.models import ModelConfig
 from mom_bench.lm_eval_model import MomBenchLM
 from mom_bench.models import build_model
 from mom_bench.tokenizer import load_tokenizer
