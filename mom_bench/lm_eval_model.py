@@ -50,7 +50,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, handle_arg_string, make_disjoint_window
 
 from mom_bench import runtime
-from mom_bench.models import GraphedDecoder
+from mom_bench.models import generate
 
 log = logging.getLogger(__name__)
 
@@ -206,75 +206,11 @@ class MomBenchLM(TemplateLM):
         """Greedy continuations of a batch of token prompts, cut before the first stop string."""
         return self.greedy_tokens(prompts, until, max_new)[1]
 
-    @torch.no_grad()
     def greedy_tokens(self, prompts: List[List[int]], until: List[List[str]],
                       max_new: List[int]) -> Tuple[List[List[int]], List[str]]:
         """The generated tokens of each prompt (up to the stop, EOS excluded) and their cut texts."""
-        B = len(prompts)
-        shared = min(len(p) for p in prompts)
-        with self._autocast():
-            logits, state = self.model.prefill(torch.tensor([p[:shared] for p in prompts], device=self._device))
-            # A step at small batch costs its launches, not its GPU time: replay it from a CUDA graph where
-            # the state has a fixed size. The graph's batch is fixed too, so finished sequences stay in it,
-            # fed EOS, their rows unread; eagerly, they leave the batch and its state.
-            graph = GraphedDecoder(self.model, state) if self.cuda_graph and GraphedDecoder.supports(
-                self.model) else None
-        logits = logits[:, -1]
-        generated: List[List[int]] = [[] for _ in range(B)]
-        texts = [""] * B
-        active = list(range(B))  # the sequences still decoding; sequence active[i] is row rows[i] of logits
-        rows = list(range(B))
-        pos = shared  # tokens read so far by every active sequence
-        while active:
-            next_tokens, keep = [], []
-            choice = logits.float().argmax(-1).tolist()
-            for i, b in enumerate(active):
-                if pos < len(prompts[b]):  # still reading its prompt
-                    next_tokens.append(prompts[b][pos])
-                    keep.append(i)
-                    continue
-                token = choice[rows[i]]
-                done = token == self.eot_token_id
-                if not done:
-                    generated[b].append(token)
-                    texts[b] = self.tok_decode(generated[b])
-                    done = len(generated[b]) >= max_new[b] or any(u in texts[b] for u in until[b])
-                if not done:
-                    next_tokens.append(token)
-                    keep.append(i)
-            if not keep:
-                break
-            if graph is not None:
-                active, rows = [active[i] for i in keep], [rows[i] for i in keep]
-                tokens = [self.eot_token_id] * B
-                for r, token in zip(rows, next_tokens):
-                    tokens[r] = token
-                logits = graph.step(torch.tensor(tokens, device=self._device))
-            else:
-                if len(keep) < len(active):  # finished sequences leave the batch and its state
-                    state = _select(state, torch.tensor([rows[i] for i in keep], device=self._device))
-                    active, rows = [active[i] for i in keep], list(range(len(keep)))
-                with self._autocast():
-                    logits, state = self.model.step(torch.tensor(next_tokens, device=self._device), state)
-            pos += 1
-        return generated, [_cut(texts[b], until[b]) for b in range(B)]
-
-
-def _cut(text: str, until: List[str]) -> str:
-    for stop in until:
-        text = text.split(stop)[0]
-    return text
-
-
-def _select(state: Any, index: torch.Tensor) -> Any:
-    """The rows `index` of a decoding state: every mixer keeps the batch in dim 0 of its tensors."""
-    if isinstance(state, torch.Tensor):
-        return state.index_select(0, index)
-    if isinstance(state, dict):
-        return {k: _select(v, index) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_select(v, index) for v in state)
-    return state
+        return generate.greedy(self.model, prompts, until, max_new, eos=self.eot_token_id, decode=self.tok_decode,
+                               autocast=self._autocast, cuda_graph=self.cuda_graph)
 
 
 def _name(tokenizer: Any) -> str:
