@@ -20,6 +20,9 @@ from . import reference
 from .reference import l2norm, segment_positions
 
 BACKENDS = ("torch", "triton", "auto")
+# The widest head (key and value dim) the Triton kernels take; models refuse wider heads when built, so a
+# configuration that runs on the CPU's references also runs on a GPU.
+MAX_HEAD_DIM = 512
 _backend = os.environ.get("MOM_BENCH_BACKEND", "auto")
 
 
@@ -97,4 +100,4 @@ def step(q, k, v, state, g=None, beta=None, delta=False, scale=None, normalize_q
 
 
 __all__ = ["chunk", "step", "short_conv", "pack_pairs", "combine", "gated_rms_norm", "set_backend",
-           "get_backend", "reference", "l2norm", "segment_positions"]
+           "get_backend", "MAX_HEAD_DIM", "reference", "l2norm", "segment_positions"]

@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference as _reference
+from . import MAX_HEAD_DIM, reference as _reference
 from .triton_env import interpreting
 
 Tensor = torch.Tensor
@@ -924,10 +924,12 @@ def _config(K: int, V: int, chunk_size: int) -> dict:
 
     BT, the chunk, is a hint (the results do not depend on it): a power of 2 from 16 (tl.dot's least
     size) to 64, for every head dim. Every kernel works on K in blocks of BK (the sequential ones hold
-    up to 4 such blocks of the state) and on V in blocks of BV (BV_h in the sequential kernels, BV_dqk
+    their state as up to 4 blocks of BK_h) and on V in blocks of BV (BV_h in the sequential kernels, BV_dqk
     in the dq/dk kernel). The step kernel holds the whole (KP, BV_h) state block.
     """
     KP = max(16, triton.next_power_of_2(K))
+    if KP > MAX_HEAD_DIM:
+        raise ValueError(f"head dim K={K}: the Triton core takes head dims up to {MAX_HEAD_DIM}")
     BT = min(max(16, triton.next_power_of_2(chunk_size)), 64)
     cfg = dict(
         BT=BT,
@@ -935,7 +937,8 @@ def _config(K: int, V: int, chunk_size: int) -> dict:
         KP=KP,
         BK=min(KP, 64),
         BV=max(16, min(triton.next_power_of_2(V), 64)),
-        BV_h=max(16, min(triton.next_power_of_2(V), 64 if KP <= 64 else 32)),
+        # The sequential kernels hold a (K, BV_h) state block in registers: narrower for wider keys.
+        BV_h=max(16, min(triton.next_power_of_2(V), 64 if KP <= 64 else 32 if KP <= 256 else 16)),
         BV_dqk=max(16, min(triton.next_power_of_2(V), 64)),
         BK_dqk=min(KP, 64),
         BK_dqk_channel=min(KP, 32),  # per-channel decay: the sub-chunk pair gradients need more registers
@@ -954,14 +957,18 @@ def _config(K: int, V: int, chunk_size: int) -> dict:
         # B8 x T2048 10.42 against 10.88 and 11.54 (H100, core_configs.md). fp32 operands take twice the
         # shared memory, over the H100's 227 KB at K = 256, and so do the per-channel decay's extra tiles
         # in the reverse kernel. The other kernels gained nothing measurable from 2 stages.
-        stages_h_dot16=2,
-        stages_dh_dot16=2,
+        # At K = 512 one stage of the sequential kernels' loads (k, w, q: 64 KB each) leaves no room for
+        # a second.
+        stages_h_dot16=2 if KP <= 256 else 1,
+        stages_dh_dot16=2 if KP <= 256 else 1,
         stages_dh_dot16_channel=1,
     )
     cfg.update(CONFIG_OVERRIDES)
-    if triton.cdiv(K, cfg["BK"]) > 4:
-        raise NotImplementedError(f"head dim K={K}: the sequential kernels hold at most 4 key blocks of "
-                                  f"{cfg['BK']}")
+    # The sequential kernels hold their state block as at most 4 tiles of BK_h key rows (each product
+    # then has a (BT, BK_h) operand): BK up to K = 256, wider tiles beyond.
+    cfg.setdefault("BK_h", max(cfg["BK"], KP // 4))
+    if triton.cdiv(K, cfg["BK_h"]) > 4:
+        raise ValueError(f"head dim K={K}: the sequential kernels hold at most 4 key blocks of {cfg['BK_h']}")
     return cfg
 
 
@@ -1084,6 +1091,8 @@ class _Plan:
         self.BK, self.BV, self.KP, self.BV_h, self.BC = cfg["BK"], cfg["BV"], cfg["KP"], cfg["BV_h"], cfg["BC"]
         self.BV_dqk, self.BK_dqk = cfg["BV_dqk"], cfg["BK_dqk_channel" if self.decay == 2 else "BK_dqk"]
         self.NK, self.NV = triton.cdiv(K, self.BK), triton.cdiv(V, self.BV)
+        self.BK_h = cfg["BK_h"]
+        self.NK_h = triton.cdiv(K, self.BK_h)
 
     def copy_cu_to_host(self) -> None:
         """Start copying cu_seqlens from the GPU to the host, without waiting: the forward calls this first
@@ -1173,8 +1182,8 @@ def _forward_states(p: _Plan, q, k, v, g, beta, h0, Ai=None, kept=None, final=Tr
     switches = dict(p.switches(), DELTA=False) if from_vn else p.switches()
     _h_fwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
         k, s["vn"] if from_vn else v, x if from_vn else _or(beta, x), o["gc"], o["rn"], o["w"], o.get("u", x),
-        _or(h0, x), s["hs"], o["vn"], o["ht"], p.cu, p.coff, p.order, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK,
-        BV=p.BV_h, HAS_BETA=p.has_beta and not from_vn, HAS_H0=h0 is not None, STORE_HT=final,
+        _or(h0, x), s["hs"], o["vn"], o["ht"], p.cu, p.coff, p.order, H=H, K=K, V=V, BT=BT, BK=p.BK_h,
+        NK=p.NK_h, BV=p.BV_h, HAS_BETA=p.has_beta and not from_vn, HAS_H0=h0 is not None, STORE_HT=final,
         DOT16=p.dot16, **switches, **p.launch("_h", "h"))
     s["u"] = None  # read by the sequential pass only
     return s
@@ -1313,7 +1322,7 @@ def _backward(p: "_Plan", q, k, v, g, beta, do, Ai, h0, dht, dq, dk, dv, dg, db,
                                            **p.launch(kernel="dvn"))
     _dh_bwd_kernel[(triton.cdiv(V, p.BV_h), p.N * H)](
         q, k, o["gc"], o["rn"], o["w"], do, _or(dht, x), dhs, dvn, _or(dh0, x), p.cu, p.coff,
-        p.order, p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK, NK=p.NK, BV=p.BV_h, HAS_DHT=dht is not None,
+        p.order, p.scale, H=H, K=K, V=V, BT=BT, BK=p.BK_h, NK=p.NK_h, BV=p.BV_h, HAS_DHT=dht is not None,
         HAS_H0=h0 is not None, DOT16=p.dot16, **p.switches(), **p.launch("_h", "dh"))
     # read by the intra-chunk dv and reverse passes only: freed here, unless the forward kept them
     s["w"] = s["Mqk"] = o["w"] = o["Mqk"] = None

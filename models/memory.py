@@ -110,6 +110,9 @@ class MemoryMixer(nn.Module):
         self.kind = KINDS[kind]
         self.d_model, self.H = d_model, num_heads
         self.K = self.V = head_dim or d_model // num_heads
+        if self.K > kernels.MAX_HEAD_DIM:
+            raise ValueError(f"head dim {self.K} (head_dim, else d_model / num_heads = {d_model} / {num_heads}) "
+                             f"exceeds the {kernels.MAX_HEAD_DIM} that the Triton kernels take")
         self.routed, self.topk = num_memories, topk
         self.shared = shared_memory or num_memories == 0
         self.M = self.routed + int(self.shared)

@@ -80,6 +80,7 @@ def validate(cfg) -> None:
     Runs before any work starts, so a bad sweep point fails in seconds, not after data generation.
     """
     # Imported here: the mixer registry pulls in torch and the kernels, which the schema does not need.
+    from mom_bench.kernels import MAX_HEAD_DIM
     from mom_bench.models import KINDS, MIXERS
 
     known = ", ".join(sorted(MIXERS))
@@ -102,6 +103,10 @@ def validate(cfg) -> None:
     _require(m.memory in KINDS, "model.memory", f"{m.memory!r} is not one of {', '.join(sorted(KINDS))}")
     _require(m.mlp in MLP_KINDS, "model.mlp", f"{m.mlp!r} is not one of {', '.join(MLP_KINDS)}")
     head_dim = m.head_dim or m.d_model // m.num_heads
+    if any(name != "attention" for name in (m.pattern or [m.mixer])):
+        _require(head_dim <= MAX_HEAD_DIM, "model.head_dim",
+                 f"{head_dim} (d_model={m.d_model} / num_heads={m.num_heads} unless set) exceeds the "
+                 f"{MAX_HEAD_DIM} that the Triton kernels take; raise model.num_heads")
     if "attention" in (m.pattern or [m.mixer]):  # rotary positions rotate pairs of channels
         _require(head_dim % 2 == 0, "model.head_dim",
                  f"attention's rotary positions need an even head dim, got {head_dim} "

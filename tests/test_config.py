@@ -40,6 +40,8 @@ def test_unknown_mixer_lists_the_known_ones():
     ("model", dict(n_layers=-1), "model.n_layers"),
     ("model", dict(num_heads=0), "model.num_heads"),
     ("model", dict(head_dim=0), "model.head_dim"),
+    ("model", dict(mixer="gla", d_model=1024), "model.head_dim"),  # one head of 1024: wider than the kernels
+    ("model", dict(pattern=["attention", "mom"], n_layers=2, head_dim=640), "model.head_dim"),
     ("model", dict(num_memories=2, topk=3), "model.topk"),
     ("model", dict(memory="lstm"), "model.memory"),
     ("model", dict(mlp="gelu"), "model.mlp"),

@@ -185,6 +185,13 @@ def test_unknown_mixer_and_bad_topk_are_named():
         build_mixer("mom", config(num_memories=2, topk=3))
 
 
+def test_heads_wider_than_the_kernels_are_refused_when_built():
+    build_mixer("gla", config(d_model=512, num_heads=1))  # 512: the widest the Triton kernels take
+    with pytest.raises(ValueError, match="head dim 1024 .* exceeds the 512"):
+        build_mixer("gla", config(d_model=1024, num_heads=1))
+    build_mixer("attention", config(d_model=1024, num_heads=1))  # SDPA has no such bound
+
+
 def test_graphed_decoder_refuses_growing_state_and_the_cpu():
     from mom_bench.models import GraphedDecoder
 

@@ -143,6 +143,26 @@ def test_k_and_v_blocks(algo, norm, monkeypatch):
     check(algo, 1, 45, 1, 40, 24, 32, True, norm, seed=hash((algo, norm)) % 2**31)
 
 
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_state_in_wide_key_tiles(algo, monkeypatch):
+    """K = 100 in blocks of 16: 7 key blocks for the chunk kernels, while the sequential kernels hold the
+    state as 4 tiles of 32 rows (the last one masked), as they hold K = 512 in 4 tiles of 128."""
+    monkeypatch.setattr(TC, "CONFIG_OVERRIDES", dict(BK=16, BK_dqk=16, BK_dqk_channel=16))
+    cfg = TC._config(100, 24, 32)
+    assert (cfg["BK"], cfg["BK_h"]) == (16, 32)
+    check(algo, 1, 45, 1, 100, 24, 32, True, True, seed=hash(algo) % 2**31)
+
+
+def test_head_dims_up_to_512():
+    """Every head dim up to 512 has a configuration whose state fits 4 tiles; wider ones are refused."""
+    for K in (16, 64, 100, 256, 300, 512):
+        cfg = TC._config(K, K, 64)
+        assert -(-K // cfg["BK_h"]) <= 4 and cfg["BK_h"] % cfg["BK"] == 0
+    assert TC._config(512, 512, 64)["BV_h"] == 16
+    with pytest.raises(ValueError, match="up to 512"):
+        TC._config(513, 64, 64)
+
+
 @pytest.mark.parametrize("algo", ["gla", "kda"])
 def test_per_channel_sub_chunks(algo, monkeypatch):
     """Sub-chunks of 8 in chunks of 32: pairs across three sub-chunk boundaries, and decays so strong
@@ -402,7 +422,7 @@ GPU_TOL = {torch.float32: (2e-4, "max"), torch.bfloat16: (1e-2, "rms")}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("D", [64, 128, 256, 512])
 @pytest.mark.parametrize("T", [1, 63, 64, 1000, 4096])
 @pytest.mark.parametrize("algo", ALGORITHMS)
 @pytest.mark.gpu
@@ -413,7 +433,7 @@ def test_gpu_chunk_matches_reference(algo, T, D, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("D", [64, 128, 256, 512])
 @pytest.mark.parametrize("algo", ALGORITHMS)
 @pytest.mark.gpu
 @needs_cuda
@@ -426,7 +446,7 @@ def test_gpu_varlen(algo, D, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("D", [64, 128, 256, 512])
 @pytest.mark.parametrize("algo", ALGORITHMS)
 @pytest.mark.gpu
 @needs_cuda
