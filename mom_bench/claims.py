@@ -10,10 +10,12 @@ of racing an orphan.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -152,3 +154,46 @@ def describe(info: Optional[Dict[str, Any]]) -> str:
 def holder(record: Path) -> str:
     """Who holds the claim on `record`, in words."""
     return describe(_holder(record.with_suffix(".lock")))
+
+
+@functools.lru_cache(maxsize=None)
+def worker_slot(folder: str) -> int:
+    """This process's slot among the live processes that ask in `folder`: the lowest number no live
+    process of this host holds, kept for the process's life. A sweep's workers take slots 0, 1, ... and
+    so one GPU each on a host with several (`mom_bench.runtime.device`); a worker that died leaves its
+    slot to the next one that asks."""
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    slot = 0
+    while slot < 4096:
+        path = root / f"slot{slot}"
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text())
+            except (OSError, ValueError):  # being written by its new holder: not ours to judge
+                pid = os.getpid()
+            if pid == os.getpid() or _alive(pid):
+                slot += 1
+                continue
+            aside = path.with_name(f".{path.name}.{os.getpid()}")
+            try:  # of several processes that found the holder dead, only one moves its file aside
+                os.replace(path, aside)
+                aside.unlink()
+            except OSError:
+                pass
+            continue  # and this slot is tried again
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return slot
+    raise RuntimeError(f"no free worker slot in {root}")
+
+
+def sweep_slot() -> Optional[int]:
+    """The worker slot of this process within its sweep (None outside a sweep)."""
+    value = os.environ.get(PARENT_ENV, "")
+    if not value:
+        return None
+    safe = "".join(c if c.isalnum() else "_" for c in value)
+    return worker_slot(os.path.join(tempfile.gettempdir(), "mom_bench-slots", safe))

@@ -18,8 +18,9 @@ and, by kind:
     mqar   config (the resolved RunConfig: model, data, optim, seed, ...), model (`model_summary`: label,
            mixer, d_model, n_layers, params, state_size with total/active elements and fp32 bytes at the
            longest test length), accuracy {slice: fraction} and mean_accuracy of the best epoch, best_epoch,
-           epochs_run, steps, eval_history, loss_curve [[step, loss], ...], train_tokens, train_time_s,
-           throughput_tokens_per_s, cuda_graphs, started_at, ended_at, wall_time_s
+           epochs_run, steps, eval_history [{epoch, mean, accuracy, train_time_s, eval_time_s}],
+           loss_curve [[step, loss], ...], train_tokens, train_time_s and eval_time_s (summed over the
+           epochs), throughput_tokens_per_s, cuda_graphs, started_at, ended_at, wall_time_s
     eval   config {model, eval}, checkpoint, model (`model_summary` at max_length), tokenizer, tasks,
            metadata, scores {task: value}, metrics, results (lm-eval's), n_samples, lm_eval_version
     bench  command, seconds, timings [{suite, case, name, pass, batch_size, seq_len, ms, ratio, peak_mb,

@@ -14,17 +14,32 @@ import torch
 
 def device(choice: Optional[str] = "auto", local_rank: Optional[int] = None) -> torch.device:
     """`auto` (or None): CUDA if there is a GPU, else the CPU; `cpu`; `cuda` or `cuda:N`, which must exist.
-    Under torchrun `local_rank` picks each process's GPU for `auto` and `cuda`. Asking for CUDA where
-    there is none is an error, never a silent run on the CPU."""
+    Under torchrun `local_rank` picks each process's GPU for `auto` and `cuda`; a sweep's workers take
+    one GPU each where there are several. Asking for CUDA where there is none is an error, never a silent
+    run on the CPU."""
     if choice in (None, "", "auto"):
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(choice)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device={choice} but CUDA is not available on {platform.node()}")
-        if dev.index is None and local_rank is not None:
-            dev = torch.device("cuda", local_rank)
+        if dev.index is None:
+            index = local_rank if local_rank is not None else _sweep_gpu()
+            if index is not None:
+                dev = torch.device("cuda", index)
+        if dev.index is not None:
+            torch.cuda.set_device(dev)  # Triton launches on the current device
     return dev
+
+
+def _sweep_gpu() -> Optional[int]:
+    """On a host with several GPUs, a sweep's worker process takes a GPU of its own: its worker slot
+    (`claims.sweep_slot`) modulo the GPU count; with one GPU, or outside a sweep, None."""
+    from mom_bench import claims
+
+    count = torch.cuda.device_count()
+    slot = claims.sweep_slot() if count > 1 else None
+    return None if slot is None else slot % count
 
 
 def autocast(dev: torch.device, dtype: Any = "auto"):

@@ -215,7 +215,7 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
     window: List[torch.Tensor] = []  # losses since the last check, kept on the device (no sync per step)
     history: List[Dict[str, Any]] = []
     step = tokens = 0
-    train_time = 0.0
+    train_time = eval_time = 0.0
     best = {"mean": -1.0}
 
     def check_losses() -> None:
@@ -249,11 +249,16 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
                 bar.set_postfix(loss=curve[-1][1], **shown)
         if window:
             check_losses()  # before evaluating weights that may already be NaN
-        train_time += time.perf_counter() - t0
+        epoch_time = time.perf_counter() - t0
+        train_time += epoch_time
 
-        acc = evaluate(model, test_slices, cfg.data.test_batch_size, device, correct=correct)
+        t0 = time.perf_counter()
+        acc = evaluate(model, test_slices, cfg.data.test_batch_size, device, correct=correct)  # ends synced
+        seconds = time.perf_counter() - t0
+        eval_time += seconds
         mean = sum(acc.values()) / len(acc)
-        history.append({"epoch": epoch, "mean": mean, "accuracy": acc})
+        history.append({"epoch": epoch, "mean": mean, "accuracy": acc, "train_time_s": round(epoch_time, 3),
+                        "eval_time_s": round(seconds, 3)})
         if mean > best["mean"]:
             best = {"mean": mean, "epoch": epoch, "accuracy": acc}
         bar.set_postfix(loss=curve[-1][1], acc=round(mean, 3))
@@ -264,7 +269,7 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
     record.update({
         "accuracy": best["accuracy"], "mean_accuracy": best["mean"], "best_epoch": best["epoch"],
         "epochs_run": epoch, "steps": step, "eval_history": history, "loss_curve": curve,
-        "train_tokens": tokens, "train_time_s": round(train_time, 3),
+        "train_tokens": tokens, "train_time_s": round(train_time, 3), "eval_time_s": round(eval_time, 3),
         "throughput_tokens_per_s": round(tokens / max(train_time, 1e-9), 1),
         # CUDA graphs captured (one per batch shape) and used: 0 where the steps ran eagerly
         "cuda_graphs": {"train": len(step_fn.graphs) if step_fn.enabled else 0,

@@ -103,3 +103,24 @@ def test_main_writes_table_csv_and_a_bench_record_the_report_reads(monkeypatch, 
     assert record["kind"] == "bench" and record["status"] == "complete" and len(record["timings"]) == 4
     frame = report.bench_frame([record])
     assert sorted(frame["name"].unique()) == ["ours", "theirs"]
+
+
+def test_sweep_suite_runs_the_real_sweep_command_and_projects_the_grid(tmp_path):
+    """The sweep suite's cut, shrunk to one tiny run on the CPU: its record's epoch times give the
+    projection and the evaluation's share."""
+    from mom_bench.bench import throughput
+    from test_cli import TINY
+
+    tiny = [o for o in TINY if not o.startswith(("optim.epochs", "progress"))]
+    row = throughput.run_setting(tmp_path, 1, [*tiny, "model=gla", "device=cpu"], log=lambda s: None)
+    assert row["exit_status"] == 0 and row["complete"] == 1 and not row["mps"]
+    (rec,), _ = bench.records.scan(row["folder"])
+    first, second = rec["eval_history"]  # the cut's two whole epochs
+    run = (rec["wall_time_s"] - second["train_time_s"] - second["eval_time_s"]
+           + 63 * (second["train_time_s"] + second["eval_time_s"]))
+    assert rec["wall_time_s"] == pytest.approx(rec["train_time_s"] + rec["eval_time_s"], abs=5)
+    span = row["wall_s"] - (row["grid_hours"] * 3600 - 448 * run / row["concurrency"])
+    assert 0 <= span <= row["wall_s"]
+    assert row["eval_share_max"] == pytest.approx(second["eval_time_s"] / second["train_time_s"])
+    assert throughput.launcher(4) == ["launcher=parallel", "hydra.launcher.n_jobs=4"]
+    assert "| 1 | no | 1 |" in throughput.markdown([row])

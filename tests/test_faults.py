@@ -190,6 +190,24 @@ time.sleep(30)
     assert not (tmp_path / "run.lock").exists()
 
 
+def test_worker_slots_are_distinct_and_a_dead_workers_slot_is_reused(tmp_path):
+    """The slots that give a sweep's workers one GPU each (`runtime.device` on a host of several)."""
+    ask = (f"import time; from mom_bench import claims; print(claims.worker_slot({str(tmp_path)!r}), "
+           f"flush=True); time.sleep(float(input()))")
+    procs = [subprocess.Popen([sys.executable, "-c", ask], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    slots = [int(p.stdout.readline()) for p in procs]
+    assert sorted(slots) == [0, 1, 2]
+    assert claims.worker_slot(str(tmp_path)) == 3 == claims.worker_slot(str(tmp_path))  # kept for life
+    first = procs[slots.index(1)]
+    first.communicate("0")  # slot 1's holder ends
+    late = subprocess.run([sys.executable, "-c", ask], input="0", capture_output=True, text=True)
+    assert int(late.stdout) == 1
+    for p in procs:
+        if p is not first:
+            p.communicate("0")
+
+
 def test_two_sweeps_on_one_folder_train_each_point_once(tmp_path):
     args = ["sweep", "model=gated_deltanet,linear_attention,gla", f"results_dir={tmp_path}", "launcher=local",
             *TINY]

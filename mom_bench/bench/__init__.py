@@ -16,7 +16,10 @@ only mean something next to each other. Cases (the targets of issue 3 in bracket
               1K / 8K / 32K tokens of context                                 [flat; faster from 8K]
     train     one MQAR optimizer step (mom_bench.train's) of every mixer's 2-layer LM, eager and
               replayed from CUDA graphs, vs LMs of fla layers; B512 x L64 x d64, B128 x L512 x d128,
-              B128 x L512 x d512 with 2 heads
+              B128 x L512 x d512 with 2 heads and with 1 (head dim 512)
+    sweep     the sweep command on a fixed cut of the Zoology figure 2 grid, per launcher setting (--jobs):
+              runs per hour, the GPU-hours projected for the whole grid, evaluation against training
+              time (throughput.py)
 
 flash-linear-attention is imported only in `cases.py` (and in GPU tests), never by the models. On Hopper with
 Triton < 3.7.1 its gated backward refuses to run (its issue 640); the guard is switched off for timing
@@ -41,6 +44,7 @@ import torch
 
 from mom_bench import records, runtime
 
+from . import throughput
 from .cases import SUITES, Case, Contender, Fn, build_cases
 
 __all__ = ["main", "run_case", "build_cases", "Case", "Contender", "SUITES"]
@@ -182,7 +186,9 @@ def markdown(cases: List[Case], hw: dict, command: str) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mom_bench bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--suite", default=",".join(SUITES), help=f"comma-separated subset of {','.join(SUITES)}")
+    ap.add_argument("--suite", default=",".join(s for s in SUITES if s != "sweep"),
+                    help=f"comma-separated subset of {','.join(SUITES)} (default: all but sweep, which trains "
+                    "28 models per launcher setting)")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     ap.add_argument("--rep", type=int, default=100, help="milliseconds of repetitions per timing (do_bench)")
     ap.add_argument("--quick", action="store_true", help="skip the longest shapes (B1 x T16384, 32K context)")
@@ -195,6 +201,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="also write <out>/profile.txt: the kernels that dominate each of our contenders")
     ap.add_argument("--limit", type=int, default=300,
                     help="seconds after which one contender is given up (0: no limit)")
+    ap.add_argument("--jobs", default="1,4", help="the sweep suite's launcher settings: comma-separated "
+                    "worker counts on the one GPU (1: one process)")
     args = ap.parse_args(argv)
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
     unknown = sorted(set(suites) - set(SUITES))
@@ -218,12 +226,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         case.contenders = [c for c in case.contenders if any(s in c.name for s in only)]
     start, out = time.time(), Path(args.out)
     profiles: Optional[List[str]] = [] if args.profile else None
-    if not cases:
+    jobs = [int(j) for j in args.jobs.split(",") if j.strip()] if "sweep" in suites else []
+    if not cases and not jobs:
         ap.error("no case left after --suite/--case")
     started: List[Case] = []
+    sweeps: List[dict] = []
 
     def save(complete: bool = False) -> None:  # after every contender: a run that dies keeps what it measured
-        write(out, started, hw, command, time.time() - start, complete)
+        write(out, started, hw, command, time.time() - start, complete, sweeps)
         if profiles:
             (out / "profile.txt").write_text("\n".join(profiles))
 
@@ -231,24 +241,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"[{i}/{len(cases)}] {title(case)}", flush=True)
         started.append(case)
         run_case(case, args.rep, lambda s: print(s, flush=True), args.limit, profiles, after=save)
+    for n in jobs:
+        sweeps.append(throughput.run_setting(out, n))
+        save()
     save(complete=True)
-    text = markdown(cases, hw, command)
-    print(text)
+    print(markdown(cases, hw, command) + ("\n" + throughput.markdown(sweeps) if sweeps else ""))
     return 0
 
 
-def write(out: Path, cases: List[Case], hw: dict, command: str, seconds: float, complete: bool) -> str:
+def write(out: Path, cases: List[Case], hw: dict, command: str, seconds: float, complete: bool,
+          sweeps: Optional[List[dict]] = None) -> str:
     """bench.md, bench.csv and the run record of what has been measured so far."""
     import pandas as pd
 
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    text = markdown(cases, hw, command)
+    text = markdown(cases, hw, command) + ("\n" + throughput.markdown(sweeps) if sweeps else "")
     (out / "bench.md").write_text(text + "\n")
     rows = [r for c in cases for r in c.rows]
     pd.DataFrame(rows).to_csv(out / "bench.csv", index=False)
     run_id = f"bench-{hw['device_name'].replace(' ', '_')}-{hw['started']}"
     record = dict(kind="bench", run_id=run_id, status="complete" if complete else "running", reason=None,
-                  hardware=hw, command=command, seconds=seconds, timings=[r for r in rows if r["ms"] is not None])
+                  hardware=hw, command=command, seconds=seconds, timings=[r for r in rows if r["ms"] is not None],
+                  sweeps=sweeps or [])
     records.write_record(records.record_path(out, run_id), record)
     return text
 
