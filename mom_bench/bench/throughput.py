@@ -96,7 +96,8 @@ def per_run_table(folder: Path) -> str:
 
 
 def markdown(rows: List[Dict]) -> str:
-    lines = ["## sweep: the Zoology figure 2 cut (28 runs, 2 epochs) through `python -m mom_bench sweep`", "",
+    lines = ["## sweep: the Zoology figure 2 cut (`conf/sweep/zoology_fig2_cut.yaml`) through "
+             "`python -m mom_bench sweep`", "",
              "| jobs | MPS | runs complete | wall s | runs per hour | concurrency | grid projected, GPU-hours "
              "| evaluation / training (mean, max) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
