@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from omegaconf import MISSING
+
 from mom_bench.models.config import ModelConfig  # the model part of every schema below
 
 
@@ -177,7 +179,11 @@ def merge_checked(schema: Any, cfg: Any):
     bad = unknown_keys(plain, schema)
     if bad:
         raise ConfigError(f"unknown key{'s' * (len(bad) > 1)}: {'; '.join(bad)}")
-    return OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:  # the schema's MISSING values: those a run cannot do without
+        raise ConfigError(f"{', '.join(missing)}: required, with no default (add {missing[0]}=...)")
+    return merged
 
 
 def register_configs() -> None:
@@ -232,7 +238,7 @@ class PretrainConfig:
 
 @dataclass
 class EvalConfig:
-    checkpoint: Optional[str] = None  # a checkpoint folder, or a pretraining out_dir (its latest)
+    checkpoint: str = MISSING  # required: a checkpoint folder, or a pretraining out_dir (its latest)
     tasks: List[str] = field(default_factory=lambda: ["jrt_recall"])
     include_path: Optional[str] = None  # None: the installed mom_bench/tasks/recall folder
     include_defaults: bool = True  # also index lm-eval's own tasks (slower start)

@@ -193,3 +193,11 @@ def test_yaml_files_state_only_what_differs_from_their_schema():
     found = {name: list(restated(OmegaConf.to_container(OmegaConf.load(conf / name)), schema))
              for name, schema in schemas.items()}
     assert {name: keys for name, keys in found.items() if keys} == {}
+
+
+def test_required_values_are_named_when_missing():
+    from mom_bench.config import EvalConfig, merge_checked
+
+    with pytest.raises(ConfigError, match=r"^checkpoint: required, with no default \(add checkpoint=\.\.\.\)"):
+        merge_checked(EvalConfig, {})
+    assert merge_checked(EvalConfig, {"checkpoint": "ckpt"}).checkpoint == "ckpt"
