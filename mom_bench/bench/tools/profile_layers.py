@@ -1,11 +1,11 @@
 """Profile our layers' fwd+bwd on a GPU (bf16): do_bench time, CPU time to enqueue one call, host syncs per
 call, peak memory above the inputs, then torch.profiler tables by CPU and by CUDA time (3 calls summed).
 
-    python results/bench/profile_layers.py [mqar] [big] [long] [gdn]
+    python -m mom_bench.bench.tools.profile_layers [mqar] [big] [long] [gdn]
 
 mqar: MoM at MQAR size (hidden 128, 2x64 heads, B128 x T512); big: MoM, hidden 1024, 4x256 heads,
 B8 x T2048; long: the same at B1 x T16384; gdn: our plain Gated DeltaNet layer at the big shape. Used for
-the breakdown in README.md."""
+the breakdown in results/bench/README.md."""
 import sys
 import time
 
@@ -80,6 +80,10 @@ def profile_case(name, B, T, D, H, hd, memories):
     print(ka.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=70), flush=True)
 
 
-if __name__ == "__main__":
+def main():
     for name in sys.argv[1:] or list(CASES):
         profile_case(name, *CASES[name])
+
+
+if __name__ == "__main__":
+    main()

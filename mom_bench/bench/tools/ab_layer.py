@@ -5,7 +5,7 @@ both give the same output and gradients from the same weights.
 
     rev=HEAD~1; mkdir -p /tmp/old/oldmb && git archive $rev models kernels | tar -x -C /tmp/old/oldmb
     touch /tmp/old/oldmb/__init__.py
-    python results/bench/ab_layer.py /tmp/old [mqar] [big] [long]
+    python -m mom_bench.bench.tools.ab_layer /tmp/old [mqar] [big] [long]
 
 The case names are those of profile_layers.py.
 """
@@ -13,8 +13,7 @@ import sys
 
 from triton.testing import do_bench
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from profile_layers import CASES, build, enqueue_ms  # noqa: E402
+from .profile_layers import CASES, build, enqueue_ms
 
 
 def fwd_bwd_of(m, x, gy):
@@ -52,8 +51,12 @@ def compare(name, old_mixer):
         print(f"| {label} | {cpu} | {wall} | {bench[label]:.2f} |", flush=True)
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, sys.argv[1])
+def main():
+    sys.path.insert(0, sys.argv[1])  # the other revision's copy, as package oldmb
     from oldmb.models.memory import MemoryMixer as OldMixer
     for case in sys.argv[2:] or ["mqar"]:
         compare(case, OldMixer)
+
+
+if __name__ == "__main__":
+    main()
