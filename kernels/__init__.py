@@ -5,7 +5,7 @@ convolution before the recurrence, `pack_pairs` MoM's packing of routed tokens i
 MoM's weighted sum of each token's memory outputs after it, `gated_rms_norm` the gated norm after that.
 The first two take the switches of `reference` (decay g, beta, delta rule, q/k normalisation). Two
 backends compute the same functions: the PyTorch references (`reference.py`) and the Triton kernels
-(`triton_chunk.py`, `triton_conv.py`, `triton_pairs.py`, `triton_combine.py`, `triton_norm.py`). Models
+(the `triton/` package: `chunk.py`, `step.py`, `conv.py`, `pairs.py`, `combine.py`, `norm.py`). Models
 never pick one; the switch here does:
 
     MOM_BENCH_BACKEND=torch | triton | auto   (or `set_backend(...)`)
@@ -14,6 +14,7 @@ never pick one; the switch here does:
 has no compiler. `torch` forces the references everywhere (the baseline for checking the kernels on a
 GPU); `triton` forces the kernels (on the CPU that needs TRITON_INTERPRET=1 set before the first import).
 """
+import importlib
 import os
 
 from . import reference
@@ -37,66 +38,59 @@ def get_backend() -> str:
     return _backend
 
 
-def _triton(x):
-    """The Triton module when the switch asks for it for tensor x, else None (imported lazily: triton is
-    needed only where it runs)."""
+def _triton(x, module: str):
+    """Module `module` of the Triton package when the switch asks for it for tensor x, else None (imported
+    lazily: triton is needed only where it runs). Callers look their function up on it at each call."""
     if _backend == "torch" or (_backend == "auto" and not x.is_cuda):
         return None
-    from . import triton_chunk
-    return triton_chunk
+    return importlib.import_module(f".triton.{module}", __name__)
 
 
 def chunk(q, k, v, g=None, beta=None, delta=False, scale=None, initial_state=None, cu_seqlens=None,
               normalize_qk=False, chunk_size=64):
     kw = dict(g=g, beta=beta, delta=delta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
               normalize_qk=normalize_qk, chunk_size=chunk_size)
-    tc = _triton(q)
+    tc = _triton(q, "chunk")
     return tc.chunk(q, k, v, **kw) if tc else reference.chunk(q, k, v, **kw)
 
 
 def short_conv(x, weight, bias, pos, split=()):
     """Causal depthwise convolution + SiLU over packed segments (see `reference.short_conv`); with split
     (channel counts), the output's column blocks as a tuple. Columns of x past the weight's channels are
-    not convolved: they come back last (see `triton_conv.short_conv`)."""
-    if _triton(x) is None:
+    not convolved: they come back last (see `short_conv` in triton/conv.py)."""
+    tc = _triton(x, "conv")
+    if tc is None:
         C = weight.shape[0]
         y = reference.short_conv(x[:, :C], weight, bias, pos)
         ys = (*(y.split(list(split), -1) if split else (y,)), *((x[:, C:],) if x.shape[1] > C else ()))
         return ys if split or len(ys) > 1 else ys[0]
-    from .triton_conv import short_conv as triton_short_conv
-    return triton_short_conv(x, weight, bias, pos, split)
+    return tc.short_conv(x, weight, bias, pos, split)
 
 
 def gated_rms_norm(x, gate, weight, eps=1e-6):
     """RMSNorm over each head's channels, times silu(gate) (see `reference.gated_rms_norm`)."""
-    if _triton(x) is None:
-        return reference.gated_rms_norm(x, gate, weight, eps)
-    from .triton_norm import gated_rms_norm as triton_gated_rms_norm
-    return triton_gated_rms_norm(x, gate, weight, eps)
+    tn = _triton(x, "norm")
+    return tn.gated_rms_norm(x, gate, weight, eps) if tn else reference.gated_rms_norm(x, gate, weight, eps)
 
 
 def combine(o, slots, weight, dtype=None):
     """out[r] = sum_a weight[r, a] * o[slots[r, a]], in fp32, rounded to dtype (see `reference.combine`)."""
-    if _triton(o) is None:
-        return reference.combine(o, slots, weight, dtype)
-    from .triton_combine import combine as triton_combine
-    return triton_combine(o, slots, weight, dtype)
+    tc = _triton(o, "combine")
+    return tc.combine(o, slots, weight, dtype) if tc else reference.combine(o, slots, weight, dtype)
 
 
 def pack_pairs(index, num_memories, shared):
     """MoM's (token, memory) pairs packed into (memory, sequence) segments (see `reference.pack_pairs`)."""
-    if _triton(index) is None:
-        return reference.pack_pairs(index, num_memories, shared)
-    from .triton_pairs import pack_pairs as triton_pack_pairs
-    return triton_pack_pairs(index, num_memories, shared)
+    tp = _triton(index, "pairs")
+    return tp.pack_pairs(index, num_memories, shared) if tp else reference.pack_pairs(index, num_memories, shared)
 
 
 def step(q, k, v, state, g=None, beta=None, delta=False, scale=None, normalize_qk=False, index=None):
     """One decoding step (see `reference.step`); with `index`, the states are rows of a pool, updated in
     place."""
     kw = dict(g=g, beta=beta, delta=delta, scale=scale, normalize_qk=normalize_qk, index=index)
-    tc = _triton(q)
-    return tc.step(q, k, v, state, **kw) if tc else reference.step(q, k, v, state, **kw)
+    ts = _triton(q, "step")
+    return ts.step(q, k, v, state, **kw) if ts else reference.step(q, k, v, state, **kw)
 
 
 __all__ = ["chunk", "step", "short_conv", "pack_pairs", "combine", "gated_rms_norm", "set_backend",

@@ -37,11 +37,11 @@ def outputs_and_grads(mixer, x):
 @pytest.mark.parametrize("case", [dict(mixer="mom"), dict(mixer="mom", memory="gla", shared_memory=False),
                                   dict(mixer="gated_deltanet"), dict(mixer="mamba2")])
 def test_mixer_on_triton_equals_reference(case, backend, monkeypatch):
-    from mom_bench.kernels import triton_chunk
+    from mom_bench.kernels.triton import chunk as TC
 
     calls = []
-    real = triton_chunk.chunk
-    monkeypatch.setattr(triton_chunk, "chunk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = TC.chunk
+    monkeypatch.setattr(TC, "chunk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     torch.manual_seed(0)
     cfg = ModelConfig(**{**dict(d_model=32, num_heads=2, chunk_size=16, num_memories=3, topk=2), **case})
     mixer = build_mixer(case["mixer"], cfg).to(DEVICE)
@@ -62,10 +62,11 @@ def test_unknown_backend_is_refused():
 
 def test_auto_picks_triton_exactly_on_cuda(backend, monkeypatch):
     """`auto` sends CUDA tensors to the kernels and CPU tensors to the reference."""
-    from mom_bench.kernels import reference, triton_chunk
+    from mom_bench.kernels import reference
+    from mom_bench.kernels.triton import chunk as TC
 
     calls = []
-    monkeypatch.setattr(triton_chunk, "chunk", lambda *a, **kw: calls.append("triton"))
+    monkeypatch.setattr(TC, "chunk", lambda *a, **kw: calls.append("triton"))
     monkeypatch.setattr(reference, "chunk", lambda *a, **kw: calls.append("torch"))
     backend("auto")
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):

@@ -59,12 +59,12 @@ def test_mom_layer_captured_as_cuda_graph_matches_eager(grouped, monkeypatch):
     (torch.cuda.make_graphed_callables: what takes a launch-bound size off the CPU). Replays give eager's
     output and every gradient. With `grouped`, eager runs its backward in groups, planned on the host;
     a captured call cannot wait for the host and runs as one group."""
-    from mom_bench.kernels import triton_chunk
+    from mom_bench.kernels.triton import chunk as TC
     from mom_bench.models import MemoryMixer
 
     if grouped:
-        monkeypatch.setattr(triton_chunk, "WORKSPACE_BYTES", 1)
-        monkeypatch.setattr(triton_chunk, "MIN_CHAINS", 1)
+        monkeypatch.setattr(TC, "WORKSPACE_BYTES", 1)
+        monkeypatch.setattr(TC, "MIN_CHAINS", 1)
     torch.manual_seed(0)
     # bf16: in fp32 torch's grouped product falls back to a loop that copies the group offsets to the host
     m = MemoryMixer(128, 2, 64, kind="gated_delta", num_memories=4, topk=2, shared_memory=True)

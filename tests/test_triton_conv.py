@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from mom_bench.kernels import reference, segment_positions  # noqa: E402
-from mom_bench.kernels.triton_conv import short_conv  # noqa: E402
+from mom_bench.kernels.triton.conv import short_conv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

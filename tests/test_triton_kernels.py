@@ -1,4 +1,4 @@
-"""The Triton kernels of kernels/triton_chunk.py against the PyTorch reference (fresh random inputs).
+"""The Triton core (kernels/triton/: chunk.py and step.py) against the PyTorch reference (fresh random inputs).
 
 Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before triton is
 imported) at tiny fp32 shapes, compared with the reference computed in fp64: output, final state and the
@@ -18,10 +18,18 @@ if not CUDA:
 pytest.importorskip("triton")
 
 from mom_bench.kernels import reference as R  # noqa: E402
-from mom_bench.kernels import triton_chunk as TC  # noqa: E402
+from mom_bench.kernels.triton import chunk as TC, step as TS  # noqa: E402
+
+
+def reload_core():
+    """Imports the core's modules again, each after those it imports from, so that their kernels are
+    decorated for the interpreter (they were imported before it was switched on)."""
+    for name in ("env", "jit", "chunk_fwd", "chunk_bwd", "chunk", "step"):
+        importlib.reload(importlib.import_module(f"mom_bench.kernels.triton.{name}"))
+
 
 if not CUDA and not TC.INTERPRET and os.environ.get("TRITON_INTERPRET") == "1":
-    TC = importlib.reload(TC)  # imported before the interpreter was switched on: compile for it again
+    reload_core()  # in place: TC and TS are these modules
 
 DEVICE = "cuda" if CUDA else "cpu"
 pytestmark = pytest.mark.skipif(not CUDA and not TC.INTERPRET, reason="needs CUDA or TRITON_INTERPRET=1")
@@ -356,7 +364,7 @@ def test_step_matches_reference(algo):
     kw = dict(q=one["q"], k=one["k"], v=one["v"], g=one.get("g"), beta=one.get("beta"), delta=delta,
               normalize_qk=delta)
     o_ref, s_ref = R.step(state=one["initial_state"], **kw)
-    o, s = TC.step(state=one["initial_state"].float(), **{n: (t.float() if torch.is_tensor(t) else t)
+    o, s = TS.step(state=one["initial_state"].float(), **{n: (t.float() if torch.is_tensor(t) else t)
                                                                    for n, t in kw.items()})
     compare({"o": o.double(), "state": s.double()}, {"o": o_ref, "state": s_ref}, 2e-6)
 
@@ -376,7 +384,7 @@ def test_step_into_a_pool_updates_only_the_indexed_rows(algo):
     want = pool.clone()
     want[index] = s_ref.float()
     got = pool.clone()
-    o, out = TC.step(state=got, **kw, delta=delta, normalize_qk=delta, index=index)
+    o, out = TS.step(state=got, **kw, delta=delta, normalize_qk=delta, index=index)
     assert out.data_ptr() == got.data_ptr()
     compare({"o": o.double(), "pool": got.double()}, {"o": o_ref, "pool": want.double()}, 2e-6)
     # The reference's pool form does the same.
@@ -390,9 +398,9 @@ def test_step_into_a_pool_refuses_what_it_cannot_update_in_place():
     kw = {n: t[:, 0].float() for n, t in x.items() if n != "initial_state"}
     pool = torch.zeros(16, 2, 16, 4, device=DEVICE).transpose(0, 3)  # (4, 2, 16, 16), not contiguous
     with pytest.raises(ValueError, match="contiguous"):
-        TC.step(state=pool, **kw, delta=True, index=torch.tensor([0, 1], device=DEVICE))
+        TS.step(state=pool, **kw, delta=True, index=torch.tensor([0, 1], device=DEVICE))
     with pytest.raises(ValueError, match="pool"):
-        TC.step(state=torch.zeros(4, 2, 16, 8, device=DEVICE), **kw, delta=True,
+        TS.step(state=torch.zeros(4, 2, 16, 8, device=DEVICE), **kw, delta=True,
                        index=torch.tensor([0, 1], device=DEVICE))
 
 
@@ -409,7 +417,7 @@ def test_decoding_continues_the_chunked_form(algo):
     o, s = TC.chunk(**prefix, initial_state=x["initial_state"], chunk_size=16, **kw)
     outs = [o]
     for t in range(17, 20):
-        o_t, s = TC.step(state=s, **{n: v[:, t] for n, v in seq.items()}, **kw)
+        o_t, s = TS.step(state=s, **{n: v[:, t] for n, v in seq.items()}, **kw)
         outs.append(o_t[:, None])
     compare({"o": torch.cat(outs, 1), "state": s}, {"o": o_all, "state": s_all}, 1e-5)
 
@@ -457,7 +465,7 @@ def test_gpu_step(algo, D, dtype):
     kw = dict(g=one.get("g"), beta=one.get("beta"), delta=delta, normalize_qk=delta)
     qkv = {n: one[n].to(dtype) for n in ("q", "k", "v")}
     o_ref, s_ref = R.step(**{n: t.double() for n, t in qkv.items()}, state=one["initial_state"], **kw)
-    o, s = TC.step(**qkv, state=one["initial_state"].float(),
+    o, s = TS.step(**qkv, state=one["initial_state"].float(),
                           **{n: (t.float() if torch.is_tensor(t) else t) for n, t in kw.items()})
     assert o.dtype == dtype and s.dtype == torch.float32
     tol, metric = GPU_TOL[dtype]
@@ -466,6 +474,6 @@ def test_gpu_step(algo, D, dtype):
     pool = torch.randn(12, *s.shape[1:], device=DEVICE)
     index = torch.randperm(12, device=DEVICE)[:8]
     pool[index] = one["initial_state"].float()
-    o2, _ = TC.step(**qkv, state=pool, index=index,
+    o2, _ = TS.step(**qkv, state=pool, index=index,
                            **{n: (t.float() if torch.is_tensor(t) else t) for n, t in kw.items()})
     compare({"o": o2.double(), "state": pool[index].double()}, {"o": o_ref, "state": s_ref}, tol, metric)

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from mom_bench.kernels import reference  # noqa: E402
-from mom_bench.kernels.triton_norm import gated_rms_norm  # noqa: E402
+from mom_bench.kernels.triton.norm import gated_rms_norm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

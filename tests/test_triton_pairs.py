@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from mom_bench.kernels import reference  # noqa: E402
-from mom_bench.kernels.triton_pairs import pack_pairs  # noqa: E402
+from mom_bench.kernels.triton.pairs import pack_pairs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -77,7 +77,7 @@ def gdn_inputs(B, T, H, K, dtype, grad=True):
 
 def kernel_case(B, T, H, K, dtype) -> Case:
     def ours():
-        from mom_bench.kernels.triton_chunk import chunk
+        from mom_bench.kernels.triton.chunk import chunk
 
         x = gdn_inputs(B, T, H, K, dtype)
         return passes(lambda: chunk(x[0], x[1], x[2], g=x[3], beta=x[4], delta=True,

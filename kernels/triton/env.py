@@ -1,5 +1,5 @@
-"""What every Triton module of kernels/ calls first: `interpreting()` says whether Triton runs in its CPU
-interpreter and, if so, fixes that interpreter (each module calls it at import, so the fix applies
+"""What the Triton modules call first: `interpreting()` says whether Triton runs in its CPU interpreter
+and, if so, fixes that interpreter (each module that needs the fix calls it at import, so it applies
 whichever module comes first)."""
 import os
 

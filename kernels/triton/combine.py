@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_env import interpreting
+from .env import interpreting
 
 interpreting()  # its loops have runtime bounds
 Tensor = torch.Tensor

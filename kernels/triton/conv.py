@@ -122,11 +122,8 @@ def _dx_kernel(w, pos, dpre, dx, sdx, N, C, W: tl.constexpr, BN: tl.constexpr, B
 
 
 # Tile of one program per kernel: BN rows (tokens) by at most BC channels, and its warps. Module-level so
-# benchmarks can try others (results/bench/conv_tiles.py). The first backward pass sums its tile's rows for
-# dw and db: in one warp those sums need no shared memory or barriers. With a (16, 64) tile in one warp it
-# took 0.62 ms against 0.96 with the (64, 128) tile in 4 warps that all three kernels had before, at the MoM
-# layer's B8 x T2048 (H100, core_configs.md). The forward's 32 rows took 0.11 ms less there than 64; no dx tile
-# gained more than 0.02 ms (conv_tiles.md).
+# benchmarks can try others (mom_bench.bench.tools.conv_tiles). The first backward pass sums its tile's rows
+# for dw and db: in one warp those sums need no shared memory or barriers. The measurements: TUNING.md.
 CONFIG = dict(fwd=dict(BN=32, BC=128, num_warps=4), dpre=dict(BN=16, BC=64, num_warps=1),
               dx=dict(BN=64, BC=128, num_warps=4))
 
