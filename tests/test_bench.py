@@ -43,7 +43,9 @@ def test_ratios_divide_by_the_reference_and_failures_are_kept(monkeypatch):
 def test_every_suite_builds_its_cases_without_running_them(monkeypatch):
     cases = bench.build_cases(bench.SUITES, dtype=None, quick=True)
     assert [c.suite for c in cases] == ["kernel", "kernel", "layer", "layer", "decode", "generate",
-                                        "train", "train", "train"]
+                                        "train", "train", "train", "train"]
+    assert [c.name.split(", n")[0] for c in cases[-2:]] == ["MQAR train step, d_model 512, 2 heads",
+                                                           "MQAR train step, d_model 512, 1 head"]
     names = [x.name for x in cases[-1].contenders]
     assert "ours mom (CUDA graph)" in names and "ours attention" in names and "fla MomAttention" in names
     for c in cases:

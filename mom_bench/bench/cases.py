@@ -8,7 +8,7 @@ from typing import Callable, Dict, List
 import torch
 
 Fn = Callable[[], object]
-SUITES = ("kernel", "layer", "decode", "generate", "train")
+SUITES = ("kernel", "layer", "decode", "generate", "train", "sweep")  # sweep: see throughput.py
 
 
 @dataclass
@@ -276,7 +276,8 @@ def build_cases(suites, dtype, quick: bool) -> List[Case]:
     if "train" in suites:  # the sizes of the Zoology grid's cells (vocabulary 8192, 2 layers, no MLP)
         cases += [train_case(512, 64, 64, 1, 4, "<= 2.5 ms and <= 0.2x"),
                   train_case(128, 512, 128, 1, 64, "<= 6 ms and <= 0.4x"),
-                  train_case(128, 512, 512, 2, 64, "Gated DeltaNet <= 15 ms, MoM <= 30 ms")]
+                  train_case(128, 512, 512, 2, 64, "Gated DeltaNet <= 15 ms, MoM <= 30 ms"),
+                  train_case(128, 512, 512, 1, 64, "runs: zoology_fig2's widest cells, one head of 512")]
     return cases
 
 
