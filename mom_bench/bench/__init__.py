@@ -203,6 +203,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="seconds after which one contender is given up (0: no limit)")
     ap.add_argument("--jobs", default="1,4", help="the sweep suite's launcher settings: comma-separated "
                     "worker counts on the one GPU (1: one process)")
+    ap.add_argument("--sweep-limit", type=float, default=0, help="seconds after which the sweep suite stops "
+                    "a setting's sweep and summarizes the runs it completed (0: no limit)")
     ap.add_argument("--sweep-overrides", default="", help="space-separated overrides for the sweep suite's "
                     "command, e.g. 'data=zoology_L64' for the cut's short half")
     args = ap.parse_args(argv)
@@ -244,7 +246,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         started.append(case)
         run_case(case, args.rep, lambda s: print(s, flush=True), args.limit, profiles, after=save)
     for n in jobs:
-        sweeps.append(throughput.run_setting(out, n, args.sweep_overrides.split()))
+        sweeps.append(throughput.run_setting(out, n, args.sweep_overrides.split(), limit_s=args.sweep_limit))
         save()
     save(complete=True)
     print(markdown(cases, hw, command) + ("\n" + throughput.markdown(sweeps) if sweeps else ""))

@@ -38,8 +38,9 @@ def launcher(jobs: int) -> List[str]:
     return ["launcher=local"] if jobs == 1 else ["launcher=parallel", f"hydra.launcher.n_jobs={jobs}"]
 
 
-def run_setting(out: Path, jobs: int, extra: Sequence[str] = (), log=print) -> Dict:
-    """Run the cut through `python -m mom_bench sweep` in a fresh folder and summarize its records."""
+def run_setting(out: Path, jobs: int, extra: Sequence[str] = (), log=print, limit_s: float = 0) -> Dict:
+    """Run the cut through `python -m mom_bench sweep` in a fresh folder and summarize its records; after
+    `limit_s` seconds (0: none) the sweep is stopped and what completed is summarized."""
     mps = mps_running()
     folder = out / f"sweep-{jobs}jobs{'-mps' * mps}-{time.strftime('%Y%m%d-%H%M%S')}"
     cmd = [sys.executable, "-m", "mom_bench", "sweep", f"sweep={CUT}", f"results_dir={folder}",
@@ -48,7 +49,10 @@ def run_setting(out: Path, jobs: int, extra: Sequence[str] = (), log=print) -> D
     folder.mkdir(parents=True)
     t0 = time.perf_counter()
     with open(folder / "sweep.log", "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=limit_s or None).returncode
+        except subprocess.TimeoutExpired:  # the sweep is killed; its workers end with it (mom_bench.claims)
+            rc = f"stopped after {limit_s:.0f} s"
     wall = time.perf_counter() - t0
     row = summarize(records.scan(folder)[0], wall)
     row.update(jobs=jobs, mps=mps, exit_status=rc, folder=str(folder), command=" ".join(cmd[1:]))
@@ -105,6 +109,7 @@ def markdown(rows: List[Dict]) -> str:
                      f"{r['runs_per_hour']:.0f} | {r['concurrency']:.2f} | {r['grid_hours']:.2f} | "
                      f"{r['eval_share_mean']:.1%}, {r['eval_share_max']:.1%} |")
     for r in rows:
-        lines += ["", f"### {r['jobs']} jobs{', MPS' * r['mps']}: `{r['command']}`", "",
+        lines += ["", f"### {r['jobs']} jobs{', MPS' * r['mps']} (exit status {r['exit_status']}): "
+                      f"`{r['command']}`", "",
                   per_run_table(Path(r["folder"]))]
     return "\n".join(lines)
