@@ -1,6 +1,13 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the Triton interpreter switched on for the whole session where there is no GPU:
+Triton's modules read TRITON_INTERPRET when they are imported, and any test module may be the first to
+import them (the benchmark tools do at their top)."""
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")
