@@ -6,9 +6,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .jit import (FIRST, LAST, _chunk_rows, _decay_cols, _decay_rows, _load_beta, _load_state, _load_tile,
-                  _lp, _pair_channel_bwd, _row_factor, _sequential_chunk, _sequential_program, _states_init,
-                  _store_row_grad, _store_states, _store_tile)
+from .jit import (FIRST, LAST, _chunk_rows, _decay_cols, _decay_rows, _load_beta, _load_state, _load_tile, _lp,
+                  _pair_channel_bwd, _row_factor, _sequential_program, _states_init, _store_row_grad,
+                  _store_states, _store_tile)
 
 
 @triton.jit
@@ -71,7 +71,11 @@ def _dh_bwd_kernel(q, k, gc, rn, w, do, dht, dhs, dvn, dh0, cu, coff, order, sca
     NT = tl.cdiv(eos - bos, BT)
     for i in range(0, NT):
         i_c = NT - 1 - i
-        offs, valid, t_last, hb = _sequential_chunk(bos, eos, c0, i_c, i_h, H, K, V, BT)
+        t0 = bos + i_c * BT
+        offs = t0 + tl.arange(0, BT)
+        valid = offs < eos
+        t_last = tl.minimum(t0 + BT, eos) - 1
+        hb = ((c0 + i_c) * H + i_h) * (K * V)
         _store_states(dhs, dh1, dh2, dh3, dh4, hb, v0, K, V, BK, BV, NK)
         fq = _row_factor(rn, offs, valid, i_h, H, 0, NORM) * scale
         fk = _row_factor(rn, offs, valid, i_h, H, 1, NORM)

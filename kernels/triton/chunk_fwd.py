@@ -6,8 +6,8 @@ import triton
 import triton.language as tl
 
 from .jit import (EPS, _chunk_rows, _decay_cols, _decay_rows, _load_beta, _load_state, _load_tile, _lp,
-                  _pair_channel, _row_factor, _sequential_chunk, _sequential_program, _states_init,
-                  _store_states, _store_tile, _unit_lower_inverse)
+                  _pair_channel, _row_factor, _sequential_program, _states_init, _store_states, _store_tile,
+                  _unit_lower_inverse)
 
 
 @triton.jit
@@ -139,7 +139,11 @@ def _h_fwd_kernel(k, v, beta, gc, rn, w, u, h0, hs, vn, ht, cu, coff, order,
     i_h, bos, eos, c0, v0, base = _sequential_program(order, cu, coff, H, K, V, BV)
     h1, h2, h3, h4 = _states_init(h0, base, v0, K, V, BK, BV, NK, HAS_H0)
     for i_c in range(0, tl.cdiv(eos - bos, BT)):
-        offs, valid, t_last, hb = _sequential_chunk(bos, eos, c0, i_c, i_h, H, K, V, BT)
+        t0 = bos + i_c * BT
+        offs = t0 + tl.arange(0, BT)
+        valid = offs < eos
+        t_last = tl.minimum(t0 + BT, eos) - 1
+        hb = ((c0 + i_c) * H + i_h) * (K * V)
         _store_states(hs, h1, h2, h3, h4, hb, v0, K, V, BK, BV, NK)
         if DELTA:
             b_vn = _load_tile(u + i_h * V, offs, valid, v0, H * V, V, BV)

@@ -293,14 +293,3 @@ def _sequential_program(order, cu, coff, H: tl.constexpr, K: tl.constexpr, V: tl
     base = (i_n * H + i_h).to(tl.int64) * (K * V)
     return i_h, bos, eos, c0, i_v * BV, base
 
-
-
-@triton.jit
-def _sequential_chunk(bos, eos, c0, i_c, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                      BT: tl.constexpr):
-    """Chunk i_c of a sequential program's segment: its rows, which of them are real, its last real row
-    and the offset of its stored state."""
-    t0 = bos + i_c * BT
-    offs = t0 + tl.arange(0, BT)
-    t_last = tl.minimum(t0 + BT, eos) - 1
-    return offs, offs < eos, t_last, ((c0 + i_c) * H + i_h) * (K * V)
