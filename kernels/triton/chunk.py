@@ -103,8 +103,8 @@ def _config(K: int, V: int, chunk_size: int) -> dict:
         # chunk's loads in flight during this one's products; TUNING.md). fp32 operands take twice the
         # shared memory, over the H100's 227 KB at K = 256, and so do the per-channel decay's extra tiles
         # in the reverse kernel. The other kernels gained nothing measurable from 2 stages.
-        # At K = 512 one stage of the sequential kernels' loads (k, w, q: 64 KB each) leaves no room for
-        # a second.
+        # Above K = 256 one stage: at K = 512 two stages of a per-channel decay take more shared memory
+        # than Hopper has (kernels/triton/TUNING.md).
         stages_h_dot16=2 if KP <= 256 else 1,
         stages_dh_dot16=2 if KP <= 256 else 1,
         stages_dh_dot16_channel=1,
