@@ -1,4 +1,4 @@
-"""Shared fixtures, and the Triton interpreter switched on for the whole session where there is no GPU:
+"""Shared fixtures, and the Triton interpreter switched on for every test where there is no GPU:
 Triton's modules read TRITON_INTERPRET when they are imported, and any test module may be the first to
 import them (the benchmark tools do at their top)."""
 import os
