@@ -154,7 +154,32 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if command == "sweep" and not any(a.split("=")[0].lstrip("+~") == "sweep" for a in rest):
         rest = ["sweep=default"] + rest
+    missing = _missing_launcher(rest)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
     return _hydra(command, rest)
+
+
+# conf/launcher/<name>.yaml -> (the Hydra plugin package it needs, the extra that installs it)
+LAUNCHER_PLUGINS = {"slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+                    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+                    "ray": ("hydra_plugins.hydra_ray_launcher", "ray")}
+
+
+def _missing_launcher(argv: List[str]) -> Optional[str]:
+    """Without its plugin a launcher fails deep in Hydra ("Could not find 'hydra/launcher/submitit_slurm'"),
+    which does not say what to install: name the extra instead."""
+    import importlib.util
+
+    for arg in argv:
+        key, _, name = arg.partition("=")
+        if key.lstrip("+~") == "launcher" and name in LAUNCHER_PLUGINS:
+            module, extra = LAUNCHER_PLUGINS[name]
+            if importlib.util.find_spec(module) is None:
+                return (f"launcher={name} needs the {extra!r} extra, which is not installed: "
+                        f"pip install -e \".[{extra}]\" (or pip install \"mom_bench[{extra}]\")")
+    return None
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ def device(choice: Optional[str] = "auto", local_rank: Optional[int] = None) -> 
 
 def _sweep_gpu() -> Optional[int]:
     """On a host with several GPUs, a sweep's worker process takes a GPU of its own: its worker slot
-    (`claims.sweep_slot`) modulo the GPU count; with one GPU, or outside a sweep, None."""
+    (`claims.sweep_slot`) modulo the GPU count; with one GPU, or outside a sweep, None. A launcher that
+    gives each job its own GPU (Slurm's GPU requests, Ray's num_gpus) does it with CUDA_VISIBLE_DEVICES, so
+    such a job sees one GPU and keeps it."""
     from mom_bench import claims
 
     count = torch.cuda.device_count()

@@ -7,7 +7,8 @@ Hydra's basic sweeper runs the grid (`hydra.sweeper.params` and `a=1,2` override
 - the results folders are checked writable, and the workers learn this process's pid, so that they end
   with it (mom_bench.claims) and can say "run k of N";
 - at the end the table and the report are written from the records (mom_bench.summary), and the sweep
-  exits with status 1, naming each point, when a point has no complete record.
+  exits with status 1, naming each point, when a point has no complete record;
+- the launcher configs (conf/launcher/) ask `${mom_bench_gpus:N}` how many GPUs each job may take.
 
 Hydra turns an exception raised in a callback into a warning, so refusal and failure are SystemExit with
 the message: printed to stderr, exit status 1.
@@ -17,16 +18,30 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mom_bench import claims, records
 
 log = logging.getLogger(__name__)
 
 SIZE_ENV = "MOM_BENCH_SWEEP_SIZE"  # the number of points, for "run k of N" in the workers' logs
+
+
+def gpus(at_most: Optional[int] = None) -> int:
+    """`${mom_bench_gpus:N}`: the GPUs of this host, at most N, for the launchers to give each job. A job that
+    asks for a GPU no machine has waits for one forever (Ray: "No available node types can fulfill ..."),
+    so it is 0 on a host without one. Registered when this module is imported: Hydra instantiates the
+    callback, and so imports it, before it instantiates the launcher, which resolves its config."""
+    import torch
+
+    count = torch.cuda.device_count()
+    return count if at_most is None else min(count, at_most)
+
+
+OmegaConf.register_new_resolver("mom_bench_gpus", gpus, replace=True)
 
 
 def points(config: DictConfig) -> List[List[str]]:

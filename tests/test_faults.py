@@ -218,6 +218,11 @@ def test_two_sweeps_on_one_folder_train_each_point_once(tmp_path):
     ids = [line.split(" - ")[1].split(":")[0] for line in finished]
     assert sorted(ids) == sorted({p.stem for p in tmp_path.glob("runs/*.json")}) and len(ids) == 3
     assert len(list((tmp_path / "hydra").iterdir())) == 2  # a log folder each
+    # every record whole and complete, no claim or temporary file left behind
+    valid, invalid = records.scan(tmp_path)
+    assert not invalid and sorted(r["run_id"] for r in valid) == sorted(ids)
+    assert all(r["status"] == "complete" for r in valid)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(f"{i}.json" for i in ids)
 
 
 @pytest.mark.slow
