@@ -23,6 +23,19 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
+NORMS = ("rms", "layer")
+
+
+def block_norm(kind: str, dim: int) -> nn.Module:
+    """The blocks' and the final norm: `rms` (this project's RMSNorm) or `layer` (nn.LayerNorm with its bias
+    and eps 1e-5, as Zoology's blocks and final norm have)."""
+    if kind == "rms":
+        return RMSNorm(dim)
+    if kind == "layer":
+        return nn.LayerNorm(dim, eps=1e-5)
+    raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {kind!r}")
+
+
 class GatedHeadNorm(nn.Module):
     """RMSNorm over each head's output, gated by silu(gate): the output stage of the linear mixers."""
 

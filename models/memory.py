@@ -1,4 +1,5 @@
-"""Recurrent-memory mixers: linear attention, GLA, Mamba-2, DeltaNet, Gated DeltaNet, and MoM.
+"""Recurrent-memory mixers: linear attention, GLA, Mamba-2, DeltaNet, Gated DeltaNet, KDA, RetNet, Hedgehog,
+(Gated) DeltaProduct, and MoM.
 
 They are one module. A mixer holds M memories; each memory has its own key, value and gate projections
 and runs the shared core (`mom_bench.kernels.chunk`) over the tokens it sees. Everything else is
@@ -81,12 +82,17 @@ def grouped_mm(x: Tensor, w: Tensor, ends: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Kind:
-    """How one memory writes: its decay (None, per head, per channel), its write strength, delta rule."""
-    decay: Optional[str]  # None | "head" | "channel"
+    """How one memory writes: its decay, its write strength, delta rule, and what comes before the core."""
+    # None | "fixed" (RetNet: log(1 - 2^(-5-h)) for head h, not learned) | "head" (Mamba's
+    # -exp(A_log) softplus(a + dt_bias) per head) | "channel" (GLA's logsigmoid(a) / 16 per channel) |
+    # "channel_dt" (KDA: Mamba's gate per channel, A_log per head and dt_bias per channel)
+    decay: Optional[str]
     beta: Optional[str]  # None | "sigmoid" (a learned gate) | "dt" (Mamba-2: the step size scales the input)
     delta: bool
     normalize_qk: bool  # L2-normalised q and k keep the delta rule's (I - beta k k^T) contractive
     skip: bool = False  # Mamba-2's D * x term
+    feature_map: Optional[str] = None  # "hedgehog": softmax([x W + b, -(x W + b)]) per head on q and k
+    householder: bool = False  # DeltaProduct: `householder_steps` keys, values and betas per token
 
 
 KINDS: Dict[str, Kind] = {
@@ -95,23 +101,40 @@ KINDS: Dict[str, Kind] = {
     "mamba2": Kind(decay="head", beta="dt", delta=False, normalize_qk=False, skip=True),
     "delta": Kind(decay=None, beta="sigmoid", delta=True, normalize_qk=True),
     "gated_delta": Kind(decay="head", beta="sigmoid", delta=True, normalize_qk=True),
+    "kda": Kind(decay="channel_dt", beta="sigmoid", delta=True, normalize_qk=True),
+    "retnet": Kind(decay="fixed", beta=None, delta=False, normalize_qk=False),
+    "hedgehog": Kind(decay=None, beta=None, delta=False, normalize_qk=False, feature_map="hedgehog"),
+    "delta_product": Kind(decay="head", beta="sigmoid", delta=True, normalize_qk=True, householder=True),
 }
 
 
 class MemoryMixer(nn.Module):
     def __init__(self, d_model: int, num_heads: int = 1, head_dim: Optional[int] = None,
                  kind: str = "gated_delta", num_memories: int = 0, topk: int = 2, shared_memory: bool = True,
-                 conv_size: int = 4, chunk_size: int = 64, aux_loss_coef: float = 0.01, **_):
+                 conv_size: int = 4, chunk_size: int = 64, aux_loss_coef: float = 0.01,
+                 negative_eigenvalues: bool = False, householder_steps: int = 2, **_):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"memory kind must be one of {sorted(KINDS)}, got {kind!r}")
         if num_memories and not 1 <= topk <= num_memories:
             raise ValueError(f"topk must be in [1, num_memories={num_memories}], got {topk}")
         self.kind = KINDS[kind]
+        # beta = 2 sigmoid(b) in (0, 2) (arXiv 2411.12537): the eigenvalue 1 - beta of (I - beta k k^T) along
+        # k then reaches into (-1, 0), which state tracking needs; without the delta rule beta only scales a write
+        if negative_eigenvalues and not self.kind.delta:
+            raise ValueError(f"negative_eigenvalues needs a delta-rule memory kind "
+                             f"({', '.join(n for n, k in KINDS.items() if k.delta)}), got {kind!r}")
+        if self.kind.householder and householder_steps < 1:
+            raise ValueError(f"householder_steps must be at least 1, got {householder_steps}")
+        self.negative_eigenvalues = negative_eigenvalues
+        # DeltaProduct runs each token as n sub-tokens of the core (n = 1 for every other kind)
+        self.n = householder_steps if self.kind.householder else 1
         self.d_model, self.H = d_model, num_heads
         self.K = self.V = head_dim or d_model // num_heads
-        if self.K > kernels.MAX_HEAD_DIM:
-            raise ValueError(f"head dim {self.K} (head_dim, else d_model / num_heads = {d_model} / {num_heads}) "
+        self.Kf = 2 * self.K if self.kind.feature_map else self.K  # the state's key dim: Hedgehog doubles it
+        if self.Kf > kernels.MAX_HEAD_DIM:
+            what = "twice the head dim (Hedgehog's features)" if self.kind.feature_map else "head dim"
+            raise ValueError(f"{what} {self.Kf} (head_dim, else d_model / num_heads = {d_model} / {num_heads}) "
                              f"exceeds the {kernels.MAX_HEAD_DIM} that the Triton kernels take")
         self.routed, self.topk = num_memories, topk
         self.shared = shared_memory or num_memories == 0
@@ -124,15 +147,21 @@ class MemoryMixer(nn.Module):
 
         # Every input projection of a memory is one matrix, columns q | k | v | a (decay or step size) |
         # b (write strength), so a memory's tokens take one product; q's columns are shared by all memories.
-        n_a = (H * K if self.kind.decay == "channel" else H) if self.kind.decay or self.kind.beta == "dt" else 0
-        self.widths = (H * K, H * K, H * V, n_a, H if self.kind.beta == "sigmoid" else 0)
+        # DeltaProduct's n keys, values and betas of a token lie side by side: columns (n, H, K), (n, H, V), (n, H).
+        learned = self.kind.decay not in (None, "fixed") or self.kind.beta == "dt"
+        n_a = (H * K if self.kind.decay in ("channel", "channel_dt") else H) if learned else 0
+        n = self.n
+        self.widths = (H * K, n * H * K, n * H * V, n_a, n * H if self.kind.beta == "sigmoid" else 0)
         self.w_q = nn.Parameter(torch.empty(D, H * K).uniform_(-D ** -0.5, D ** -0.5))
         self.w_in = per_memory(sum(self.widths[1:]))
         self.register_buffer("pad", torch.zeros(M, D, -sum(self.widths) % 16), persistent=False)  # `_in_weights`
-        if self.kind.decay == "head":  # Mamba-style decay parameters, shared by all memories
+        if self.kind.decay in ("head", "channel_dt"):  # Mamba-style decay parameters, shared by all memories
             self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
-            dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
+            dt = torch.exp(torch.empty(n_a).uniform_(math.log(1e-3), math.log(1e-1)))  # KDA: one per channel
             self.dt_bias = nn.Parameter(inverse_softplus(dt))
+        if self.kind.feature_map:  # Hedgehog: a map for q and one for k, per head, shared by all memories
+            self.fm_weight = nn.Parameter(torch.eye(K).repeat(2, H, 1, 1))  # (q | k, H, K, K): identity at init
+            self.fm_bias = nn.Parameter(torch.zeros(2, H, K))
         if self.kind.skip:
             self.D_skip = nn.Parameter(torch.ones(H))
         # One convolution over the q | k | v columns (one launch, its output split into the three arrays)
@@ -147,6 +176,8 @@ class MemoryMixer(nn.Module):
         """Router probabilities (fp32) and the top-k memories with renormalised weights."""
         probs = upcast(self.router(x)).softmax(-1)
         weight, index = probs.topk(self.topk, -1)
+        if getattr(self, "router_stats", None) is not None:  # set by mom_bench.router_stats.collect only
+            self.router_stats.add(probs.detach(), index.detach())  # device-side sums: no host sync
         return probs, weight / weight.sum(-1, keepdim=True), index
 
     def _in_weights(self, dtype) -> Tensor:
@@ -163,18 +194,58 @@ class MemoryMixer(nn.Module):
         parts = proj.split([sum(widths[:front]), *widths[front:], proj.shape[-1] - sum(widths)], -1)
         return (parts[0],) + tuple(t if t.shape[-1] else None for t in parts[1:-1])
 
-    def _gates(self, a: Optional[Tensor], b: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        """Log decay g and write strength beta from the projections, per token (..., H) or (..., H, K)."""
+    def fixed_decay(self, like: Tensor) -> Tensor:
+        """RetNet's log decay per head, log(1 - 2^(-5-h)) for h = 0 .. H-1, in like's (upcast) dtype."""
+        h = torch.arange(self.H, device=like.device, dtype=upcast(like).dtype)
+        return torch.log1p(-torch.exp2(-5 - h))
+
+    def _gates(self, a: Optional[Tensor], b: Optional[Tensor], k: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """Log decay g and write strength beta from the projections (k: the key rows, for the shape of a fixed
+        decay), per token: g (..., H) or (..., H, K), beta (..., n * H)."""
         kind, g, beta = self.kind, None, None
-        if kind.decay == "channel":
+        if kind.decay == "fixed":
+            g = self.fixed_decay(k).expand(*k.shape[:-1], self.H).contiguous()
+        elif kind.decay == "channel":
             g = F.logsigmoid(upcast(a)).unflatten(-1, (self.H, self.K)) / 16  # GLA's gate normaliser
         elif a is not None:
-            dt = F.softplus(upcast(a) + self.dt_bias)
-            g = -self.A_log.exp() * dt if kind.decay == "head" else None
+            dt = F.softplus(upcast(a) + self.dt_bias)  # (..., H), or (..., H * K) for KDA
+            if kind.decay == "head":
+                g = -self.A_log.exp() * dt
+            elif kind.decay == "channel_dt":
+                g = -self.A_log.exp()[:, None] * dt.unflatten(-1, (self.H, self.K))
             beta = dt if kind.beta == "dt" else None
         if kind.beta == "sigmoid":
-            beta = upcast(b).sigmoid()
+            beta = upcast(b).sigmoid() * (2 if self.negative_eigenvalues else 1)
         return g, beta
+
+    def _features(self, q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
+        """Hedgehog's feature maps on q and k rows (..., H * K) -> (..., H * 2K): per head, softmax over the 2K
+        features [x W + b, -(x W + b)]; the identity for the other kinds. The softmax makes q.k positive;
+        its normaliser (the sum of q.k over the past) is not needed: the gated RMSNorm after the core
+        divides each head's output by its own scale anyway."""
+        if not self.kind.feature_map:
+            return q, k
+        out = []
+        for x, w, bias in zip((q, k), self.fm_weight, self.fm_bias):
+            y = torch.einsum("...hk,hkf->...hf", x.unflatten(-1, (self.H, self.K)), w.to(x.dtype)) + bias.to(x.dtype)
+            out.append(torch.cat([y, -y], -1).softmax(-1).flatten(-2))
+        return out[0], out[1]
+
+    def _sub_tokens(self, q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor],
+                    beta: Optional[Tensor]) -> Tuple[Tensor, ...]:
+        """DeltaProduct (arXiv 2502.10297): rows (P, ...) of n keys, values and betas each -> (P * n, ...) sub-tokens
+        in time order, so that the core applies n delta-rule (Householder) steps per token: the decay on
+        the first sub-token only, and the output read at the last (q is repeated; the other sub-tokens'
+        outputs are dropped). The identity for n = 1."""
+        n = self.n
+        if n == 1:
+            return q, k, v, g, beta
+        P = q.shape[0]
+        q = q[:, None].expand(P, n, *q.shape[1:]).flatten(0, 1)
+        k, v, beta = (None if t is None else t.reshape(P * n, t.shape[-1] // n) for t in (k, v, beta))
+        if g is not None:
+            g = torch.cat([g[:, None], g.new_zeros(P, n - 1, *g.shape[1:])], 1).flatten(0, 1)
+        return q, k, v, g, beta
 
     def _conv(self, proj: Tensor, pos: Tensor) -> Tuple[Optional[Tensor], ...]:
         """q, k, v (convolved) and a, b (as `_split`) from projected rows."""
@@ -219,7 +290,7 @@ class MemoryMixer(nn.Module):
 
     def _parallel(self, x: Tensor, want_state: bool) -> Tuple[Tensor, Tensor, Optional[Dict[str, Tensor]]]:
         B, T, D = x.shape
-        H, K, V = self.H, self.K, self.V
+        H, V = self.H, self.V
         xf = x.reshape(B * T, D)
         w = self._in_weights(x.dtype)
         if self.routed:  # every pair's token row, then one grouped product: each memory's rows by its matrix
@@ -232,15 +303,19 @@ class MemoryMixer(nn.Module):
             aux = x.new_zeros((), dtype=torch.float32)
             proj = xf @ w[0]
         q, k, v, a, b = self._conv(proj, pos)
-        g, beta = self._gates(a, b)
+        g, beta = self._gates(a, b, k)
+        n, Kf = self.n, self.Kf
+        qf, kf, vf, g, beta = self._sub_tokens(*self._features(q, k), v, g, beta)
         # MoM: one packed batch of segments; a plain mixer: its B sequences as they are (no cu_seqlens, so
         # the core knows the segments on the host). One view per tensor: each is a node of the backward.
-        seqs = (1, len(proj)) if self.routed else (B, T)
+        seqs = (1, n * len(proj)) if self.routed else (B, n * T)
         rows = lambda t, *d: None if t is None else t.view(*seqs, *(d or t.shape[1:]))
-        o, final = kernels.chunk(rows(q, H, K), rows(k, H, K), rows(v, H, V), g=rows(g), beta=rows(beta),
-                             delta=self.kind.delta, cu_seqlens=cu if self.routed else None,
+        o, final = kernels.chunk(rows(qf, H, Kf), rows(kf, H, Kf), rows(vf, H, V), g=rows(g), beta=rows(beta),
+                             delta=self.kind.delta, cu_seqlens=(cu * n if n > 1 else cu) if self.routed else None,
                              normalize_qk=self.kind.normalize_qk, chunk_size=self.chunk_size)
-        o = o.reshape(len(proj), H, V)  # a view of the Triton core's output (the reference's is transposed)
+        # Each token's output is its last sub-token's. For n = 1 a view of the Triton core's output (the
+        # reference's is transposed, and reshaped into a copy).
+        o = o.reshape(len(proj), n, H, V)[:, -1].contiguous()
         if self.kind.skip:
             o = upcast(o) + self.D_skip[:, None] * upcast(v).unflatten(-1, (H, V))
         if self.routed:  # each token's memories, weighted, summed in fp32
@@ -250,7 +325,7 @@ class MemoryMixer(nn.Module):
             return y, aux, None
         # Segments are ordered memory-major (memory, sequence): M * B of them, some possibly empty, whose
         # final state is then the zero initial state, as for a memory that was never routed to.
-        state = {"S": final.view(self.M, B, H, K, V).transpose(0, 1).contiguous()}
+        state = {"S": final.view(self.M, B, H, Kf, V).transpose(0, 1).contiguous()}
         if self.conv is not None:
             tail = self.conv.tail(proj[:, :sum(self.widths[:3])], cu)  # (M * B, width - 1, C)
             state["conv"] = tail.view(self.M, B, *tail.shape[1:]).transpose(0, 1).contiguous()
@@ -258,7 +333,7 @@ class MemoryMixer(nn.Module):
 
     # --- decoding: one token, explicit state -----------------------------------------------------
     def init_state(self, batch: int, device, dtype=torch.float32) -> Dict[str, Tensor]:
-        state = {"S": torch.zeros(batch, self.M, self.H, self.K, self.V, device=device,
+        state = {"S": torch.zeros(batch, self.M, self.H, self.Kf, self.V, device=device,
                                  dtype=torch.promote_types(dtype, torch.float32))}
         if self.conv is not None:
             state["conv"] = self.conv.init_state(batch, device, dtype)[:, None].repeat(1, self.M, 1, 1)
@@ -279,10 +354,11 @@ class MemoryMixer(nn.Module):
 
     def step(self, x: Tensor, state: Dict[str, Tensor]) -> Tuple[Tensor, Dict[str, Tensor]]:
         """One token per sequence. Only the selected memories (and their convolution windows) are read and
-        written, all of them in one core call, and `state` is updated in place and returned: decoding is
-        bound by state traffic, and copying every memory's state per token would more than double it."""
+        written, all of them in one core call (DeltaProduct: one per Householder step), and `state` is updated
+        in place and returned: decoding is bound by state traffic, and copying every memory's state per
+        token would more than double it."""
         B = x.shape[0]
-        H, K, V = self.H, self.K, self.V
+        H, V = self.H, self.V
         sel, weight = self._select(x)
         A = sel.shape[1]
         flat = (torch.arange(B, device=x.device)[:, None] * self.M + sel).flatten()  # rows of (B * M, ...)
@@ -297,17 +373,23 @@ class MemoryMixer(nn.Module):
             qkv, window = self.conv.step(qkv, read(state["conv"]))
             write(state["conv"], window)
         q, k, v = qkv.split(self.widths[:3], -1)
-        g, beta = self._gates(a, b)
-        # The selected states are updated where they lie in the pool: no gathered copy to write back.
-        o, _ = kernels.step(q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V)),
-                           state["S"].view(-1, H, K, V), g=g, beta=beta, delta=self.kind.delta,
-                           normalize_qk=self.kind.normalize_qk, index=flat)
+        g, beta = self._gates(a, b, k)
+        n, Kf = self.n, self.Kf
+        qf, kf, vf, g, beta = self._sub_tokens(*self._features(q, k), v, g, beta)
+        qf, kf, vf = qf.unflatten(-1, (H, Kf)), kf.unflatten(-1, (H, Kf)), vf.unflatten(-1, (H, V))
+        sub = lambda t, i: None if t is None else t.view(-1, n, *t.shape[1:])[:, i]  # sub-token i of each row
+        # The selected states are updated where they lie in the pool: no gathered copy to write back. One
+        # step per sub-token (DeltaProduct's Householder steps; one for the other kinds).
+        for i in range(n):
+            o, _ = kernels.step(sub(qf, i), sub(kf, i), sub(vf, i), state["S"].view(-1, H, Kf, V), g=sub(g, i),
+                                beta=sub(beta, i), delta=self.kind.delta, normalize_qk=self.kind.normalize_qk,
+                                index=flat)
         o = upcast(o).view(B, A, H, V)
         if self.kind.skip:
             o = o + self.D_skip[:, None] * upcast(v).reshape(B, A, H, V)
         return self._finish((weight[:, :, None, None] * o).sum(1), x), state
 
     def state_size(self, seq_len: int) -> Dict[str, int]:
-        per_memory = self.H * self.K * self.V
+        per_memory = self.H * self.Kf * self.V
         active = (self.topk if self.routed else 0) + int(self.shared)
         return {"total": self.M * per_memory, "active": active * per_memory}

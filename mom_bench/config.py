@@ -51,6 +51,12 @@ class OptimConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     early_stop: float = 0.99  # stop once validation accuracy exceeds this
+    # Zoology's schedule (conf/optim/zoology.yaml) and Muon (conf/optim/muon.yaml)
+    schedule: str = "step"  # step: warm-up, then cosine to 0 over the optimizer steps | epoch: Zoology's
+    #                         CosineAnnealingLR(T_max=epochs), lr * (1 + cos(pi e / epochs)) / 2 all through
+    #                         epoch e = 0, 1, ...: constant within an epoch, no warm-up
+    optimizer: str = "adamw"  # adamw | muon (torch.optim.Muon on the blocks' matrices, AdamW on the rest)
+    muon_momentum: float = 0.95  # muon: its momentum (Nesterov)
 
 
 @dataclass
@@ -64,11 +70,19 @@ class RunConfig:
     sweep_name: str = "single"  # a sweep file names its own
     progress: bool = True
     cuda_graph: bool = True  # on CUDA, replay the train and evaluation steps from CUDA graphs
+    reported_epoch: str = "best"  # best | last: the epoch whose accuracy the tables show (Zoology: last);
+    #                               records hold both, so this changes the report, not the run
 
 
 # Values a type cannot express. Kept here, beside the schema, so the two stay in step.
-MLP_KINDS = ("none", "swiglu")
+MLP_KINDS = ("none", "identity", "swiglu")
 DEVICES = ("auto", "cpu", "cuda")
+POSITIONS = ("rotary", "learned", "none")
+NORMS = ("rms", "layer")
+INITS = ("default", "zoology")
+SCHEDULES = ("step", "epoch")
+OPTIMIZERS = ("adamw", "muon")
+REPORTED_EPOCHS = ("best", "last")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -83,7 +97,7 @@ def validate(cfg) -> None:
     """
     # Imported here: the mixer registry pulls in torch and the kernels, which the schema does not need.
     from mom_bench.kernels import MAX_HEAD_DIM
-    from mom_bench.models import KINDS, MIXERS
+    from mom_bench.models import KINDS, MIXERS, ZOOLOGY_MIXERS
 
     known = ", ".join(sorted(MIXERS))
     m, d, o = cfg.model, cfg.data, cfg.optim
@@ -103,16 +117,31 @@ def validate(cfg) -> None:
              f"{m.d_model} is not divisible by model.num_heads={m.num_heads}")
     _require(m.topk <= m.num_memories, "model.topk", f"{m.topk} exceeds model.num_memories={m.num_memories}")
     _require(m.memory in KINDS, "model.memory", f"{m.memory!r} is not one of {', '.join(sorted(KINDS))}")
+    _require(m.householder_steps >= 1, "model.householder_steps", f"must be at least 1, got {m.householder_steps}")
+    # the memory kind of every layer (None for mixers that are not memory mixers)
+    kinds = {name: m.memory if name == "mom" else getattr(MIXERS[name], "keywords", {}).get("kind")
+             for name in m.pattern or [m.mixer]}
+    if m.negative_eigenvalues:  # beta in (0, 2) only means a negative eigenvalue under the delta rule
+        for name, kind in kinds.items():
+            _require(kind not in KINDS or KINDS[kind].delta, "model.negative_eigenvalues",
+                     f"needs delta-rule memories ({', '.join(k for k in KINDS if KINDS[k].delta)}); "
+                     f"mixer {name!r} has memory kind {kind!r}")
     _require(m.mlp in MLP_KINDS, "model.mlp", f"{m.mlp!r} is not one of {', '.join(MLP_KINDS)}")
     head_dim = m.head_dim or m.d_model // m.num_heads
-    if any(name != "attention" for name in (m.pattern or [m.mixer])):
+    if any(name not in ("attention", *ZOOLOGY_MIXERS) for name in (m.pattern or [m.mixer])):  # core users
         _require(head_dim <= MAX_HEAD_DIM, "model.head_dim",
                  f"{head_dim} (d_model={m.d_model} / num_heads={m.num_heads} unless set) exceeds the "
                  f"{MAX_HEAD_DIM} that the Triton kernels take; raise model.num_heads")
-    if "attention" in (m.pattern or [m.mixer]):  # rotary positions rotate pairs of channels
+    if any(kind in KINDS and KINDS[kind].feature_map for kind in kinds.values()):  # Hedgehog's 2 * head_dim
+        _require(2 * head_dim <= MAX_HEAD_DIM, "model.head_dim",
+                 f"Hedgehog's features double it: 2 x {head_dim} exceeds the {MAX_HEAD_DIM} that the Triton "
+                 f"kernels take; raise model.num_heads")
+    if {"attention", "sliding_window"} & set(m.pattern or [m.mixer]):  # rotary positions rotate pairs of channels
         _require(head_dim % 2 == 0, "model.head_dim",
                  f"attention's rotary positions need an even head dim, got {head_dim} "
                  f"(d_model={m.d_model}, num_heads={m.num_heads})")
+    _check_zoology_mixers(m, max(s.seq_len for s in [*d.train, *d.test]) if d.train or d.test else 0, MAX_HEAD_DIM)
+    _check_zoology_arch(m, max(s.seq_len for s in [*d.train, *d.test]) if d.train or d.test else 0)
 
     _require(len(d.train) > 0, "data.train", "needs at least one slice")
     _require(len(d.test) > 0, "data.test", "needs at least one slice")
@@ -132,10 +161,52 @@ def validate(cfg) -> None:
              f"must be two values in [0, 1), got {list(o.betas)}")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables it), got {o.grad_clip}")
+    _require(o.schedule in SCHEDULES, "optim.schedule", f"{o.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    _require(o.schedule == "step" or o.warmup_steps == 0, "optim.warmup_steps",
+             f"the per-epoch schedule has no warm-up (Zoology's has none), got {o.warmup_steps}")
+    _require(o.optimizer in OPTIMIZERS, "optim.optimizer", f"{o.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if o.optimizer == "muon":
+        import torch
+
+        _require(hasattr(torch.optim, "Muon"), "optim.optimizer",
+                 f"muon needs torch.optim.Muon, which torch {torch.__version__} lacks (it came with torch 2.9)")
+        _require(0 <= o.muon_momentum < 1, "optim.muon_momentum", f"must be in [0, 1), got {o.muon_momentum}")
+    _require(cfg.reported_epoch in REPORTED_EPOCHS, "reported_epoch",
+             f"{cfg.reported_epoch!r} is not one of {', '.join(REPORTED_EPOCHS)}")
     _require(cfg.device in DEVICES, "device", f"{cfg.device!r} is not one of {', '.join(DEVICES)}")
     from mom_bench.tasks.mqar import check_mqar_data
 
     check_mqar_data(d)
+
+
+def _check_zoology_mixers(m, longest: int, max_head_dim: int) -> None:
+    """The options of base_conv, base_conv_long, based and sliding_window, where a layer uses them; `longest`:
+    the longest input the model will see."""
+    names = set(m.pattern or [m.mixer])
+    if "base_conv" in names:
+        _require(m.base_conv_kernel >= 1, "model.base_conv_kernel", f"must be at least 1, got {m.base_conv_kernel}")
+    if "base_conv_long" in names:  # its filter has taps for long_conv_len positions only
+        _require(m.long_conv_len >= max(longest, 1), "model.long_conv_len",
+                 f"{m.long_conv_len} is shorter than the longest sequence, {longest}")
+    if "based" in names:  # phi's 1 + F + F^2 features are the core's key dim
+        features = 1 + m.feature_dim + m.feature_dim ** 2
+        _require(m.feature_dim >= 1 and features <= max_head_dim, "model.feature_dim",
+                 f"must be at least 1 with 1 + F + F^2 <= {max_head_dim} (the Triton kernels' widest key), got "
+                 f"F = {m.feature_dim}")
+    if "sliding_window" in names:
+        _require(m.window >= 1, "model.window", f"must be at least 1, got {m.window}")
+
+
+def _check_zoology_arch(m, longest: int) -> None:
+    """The options of ModelConfig's block "Zoology's architecture"; `longest`: the longest input."""
+    _require(m.positions in POSITIONS, "model.positions", f"{m.positions!r} is not one of {', '.join(POSITIONS)}")
+    _require(m.norm in NORMS, "model.norm", f"{m.norm!r} is not one of {', '.join(NORMS)}")
+    _require(m.init in INITS, "model.init", f"{m.init!r} is not one of {', '.join(INITS)}")
+    _require(0 <= m.attn_dropout < 1, "model.attn_dropout", f"must be in [0, 1), got {m.attn_dropout}")
+    _require(m.max_positions >= 0, "model.max_positions", f"must be >= 0 (0: the longest input), got {m.max_positions}")
+    if m.positions == "learned" and m.max_positions:  # a position past the table has no embedding
+        _require(m.max_positions >= longest, "model.max_positions",
+                 f"{m.max_positions} is shorter than the longest sequence, {longest} (0 sizes it to the data)")
 
 
 def unknown_keys(value: Any, schema: Any, prefix: str = "") -> List[str]:
@@ -190,6 +261,8 @@ def register_configs() -> None:
     """Store the schema in Hydra's ConfigStore; conf/config.yaml lists it first in its defaults, so every
     YAML file and command-line override is merged onto these dataclasses and type-checked."""
     from hydra.core.config_store import ConfigStore
+
+    import mom_bench.sweep  # noqa: F401  registers ${mom_bench_gpus:N}, which conf/launcher/ asks
 
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
     ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)  # conf/pretrain.yaml
@@ -259,6 +332,9 @@ def validate_pretrain(cfg) -> None:
     """Raise ConfigError naming the first invalid key of a PretrainConfig."""
     # The model checks are validate()'s: run it on a RunConfig whose other parts are valid defaults.
     validate(RunConfig(model=cfg.model))
+    from mom_bench.kernels import MAX_HEAD_DIM
+
+    _check_zoology_mixers(cfg.model, cfg.data.seq_len, MAX_HEAD_DIM)  # base_conv_long against the text's length
     d, o = cfg.data, cfg.optim
     _require(bool(d.dataset) != bool(d.files), "data",
              "set exactly one of data.dataset=<hub id> (e.g. HuggingFaceFW/fineweb-edu) or "

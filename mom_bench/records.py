@@ -16,9 +16,15 @@ the run without the code that made it. Every record has
 and, by kind:
 
     mqar   config (the resolved RunConfig: model, data, optim, seed, ...), model (`model_summary`: label,
-           mixer, d_model, n_layers, params, state_size with total/active elements and fp32 bytes at the
-           longest test length), accuracy {slice: fraction} and mean_accuracy of the best epoch, best_epoch,
-           epochs_run, steps, eval_history [{epoch, mean, accuracy, train_time_s, eval_time_s}],
+           mixer, d_model, n_layers, params, state_size at the longest test length: total/active values
+           summed over the layers (Zoology's count) with their fp32 bytes, and per_mixer {name: {total,
+           active, bytes}} for one layer of each mixer), accuracy {slice: fraction} and mean_accuracy of the
+           best epoch, best_epoch, last_accuracy and last_mean_accuracy of the last epoch run (Zoology
+           reports that one), epochs_run, steps, eval_history [{epoch, mean, accuracy, train_time_s, eval_time_s, router}],
+           where router (mom_bench.router_stats, on the whole test set; [] without MoM layers and in records
+           written before it) is one entry per MoM layer: module, memories, topk, tokens, fraction (of the
+           routed token-memory assignments, per memory), entropy (mean over tokens of the router softmax's,
+           nats) and max_entropy (log memories); the best epoch's is eval_history[best_epoch - 1],
            loss_curve [[step, loss], ...], train_tokens, train_time_s and eval_time_s (summed over the
            epochs), throughput_tokens_per_s, cuda_graphs, started_at, ended_at, wall_time_s
     eval   config {model, eval}, checkpoint, model (`model_summary` at max_length), tokenizer, tasks,
@@ -43,7 +49,7 @@ log = logging.getLogger(__name__)
 
 # Keys that say where or how verbosely a run happens but not what it computes: two configs differing only
 # here are the same run, so they share a run_id and a finished one is not repeated.
-NON_RESULT_KEYS = ("progress", "results_dir", "sweep_name", "cuda_graph")
+NON_RESULT_KEYS = ("progress", "results_dir", "sweep_name", "cuda_graph", "reported_epoch")
 
 
 def model_label(model: Dict[str, Any]) -> str:
@@ -64,9 +70,18 @@ def model_summary(model, config: Dict[str, Any], seq_len: int) -> Dict[str, Any]
     """The `model` block of a record: label, size and recurrent state (fp32 bytes) at `seq_len` tokens
     (attention's KV cache grows with the length; a memory's state does not)."""
     state = model.state_size(seq_len)
+    # Both counts: Zoology's, summed over the layers (a hybrid's convolution layer included, each attention
+    # layer once), which `total` already is; and per mixer, one layer of each mixer the model has.
+    blocks = getattr(model, "blocks", [])  # a LanguageModel's; stand-ins in tests may have none
+    names = config.get("pattern") or [config["mixer"]] * len(blocks)
+    per_mixer: Dict[str, Any] = {}
+    for name, block in zip(names, blocks):
+        per_mixer.setdefault(name, block.mixer.state_size(seq_len))
     return {"label": model_label(config), "mixer": config["mixer"], "d_model": config["d_model"],
             "n_layers": config["n_layers"], "params": sum(p.numel() for p in model.parameters()),
-            "state_size": {**state, "total_bytes": 4 * state["total"], "active_bytes": 4 * state["active"]}}
+            "state_size": {**state, "total_bytes": 4 * state["total"], "active_bytes": 4 * state["active"],
+                           "per_mixer": {name: {**s, "bytes": 4 * s["total"]} for name, s in per_mixer.items()}}}
+
 
 
 def slice_name(s: Dict[str, Any]) -> str:

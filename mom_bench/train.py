@@ -1,13 +1,15 @@
 """One MQAR training run: ``train(cfg) -> record``.
 
-The Zoology protocol (mqar.md): AdamW, cosine schedule to 0, evaluation on every test slice after each
-epoch, early stop once the mean accuracy exceeds ``optim.early_stop``. A run never raises for a training
+The Zoology protocol (mqar.md): AdamW, cosine schedule to 0 (per step, or per epoch as Zoology steps it:
+``optim.schedule``), evaluation on every test slice after each epoch, early stop once the mean accuracy
+exceeds ``optim.early_stop``; the record keeps the best epoch's accuracy and the last one's (Zoology's). A run never raises for a training
 failure: a non-finite loss, an out-of-memory error or a bug in a mixer is written into the run's record as
 ``failed`` so that the other points of a sweep still run. Only an invalid config (ConfigError) or a results
 folder that cannot be written (records.RecordError) raises, before any work.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from mom_bench import claims, records, runtime
+from mom_bench import claims, records, router_stats, runtime
 from mom_bench.config import ConfigError, RunConfig, merge_checked, validate
 from mom_bench.graphs import Replay
 
@@ -101,8 +103,13 @@ def _write(path, record: Dict[str, Any]) -> None:
         log.error("could not write %s (%s); the record is at %s", path, exc, fallback)
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine from 1 to 0 over the remaining steps."""
+def _lr_factor(step: int, warmup: int, total: int, schedule: str = "step", epoch: int = 0,
+               epochs: int = 1) -> float:
+    """`step` schedule: linear warm-up, then cosine from 1 to 0 over the remaining steps. `epoch` schedule
+    (Zoology's CosineAnnealingLR with T_max = epochs, stepped after each epoch): (1 + cos(pi e / epochs)) / 2
+    for the whole of epoch e = 0, 1, ...; the last epoch still trains at a small positive rate."""
+    if schedule == "epoch":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -158,12 +165,65 @@ def evaluate(model, slices, batch_size: int, device: torch.device,
     return result
 
 
-def optimizer(model, o, capturable: bool) -> torch.optim.AdamW:
-    """AdamW as the Zoology protocol sets it; `capturable` (CUDA) keeps its step count and learning rate
-    on the device, as a CUDA graph needs: the schedule then fills `param_groups[i]["lr"]` in place."""
-    lr = torch.tensor(o.lr, device=next(model.parameters()).device) if capturable else o.lr
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
-                             capturable=capturable)
+def optimizer(model, o, capturable: bool):
+    """AdamW as the Zoology protocol sets it, or with `o.optimizer == "muon"` Muon and AdamW side by side
+    (`Optimizers`, split by `muon_split`); `capturable` (CUDA) keeps AdamW's step count and learning rate on
+    the device, as a CUDA graph needs: the schedule then fills `param_groups[i]["lr"]` in place."""
+    device = next(model.parameters()).device
+    lr = (lambda: torch.tensor(o.lr, device=device)) if capturable else (lambda: o.lr)
+    if o.optimizer != "muon":
+        return torch.optim.AdamW(model.parameters(), lr=lr(), betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                 capturable=capturable)
+    if not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"optim.optimizer: muon needs torch.optim.Muon, which torch {torch.__version__} lacks")
+    matrices, rest = muon_split(model)
+    # match_rms_adamw scales each matrix's orthogonalised update to AdamW's typical RMS (0.2 sqrt(max(A, B))),
+    # so that one lr and one weight decay serve both optimizers (the Moonlight recipe): the lr grid stays.
+    # Muon turns its lr into a Python number each step (a host sync a CUDA graph cannot hold): plain float.
+    muon = torch.optim.Muon([p for _, p in matrices], lr=o.lr, weight_decay=o.weight_decay,
+                            momentum=o.muon_momentum, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW([p for _, p in rest], lr=lr(), betas=tuple(o.betas), weight_decay=o.weight_decay,
+                              capturable=capturable)
+    return Optimizers([muon, adamw])
+
+
+def muon_split(model) -> Tuple[List[Tuple[str, torch.nn.Parameter]], List[Tuple[str, torch.nn.Parameter]]]:
+    """(Muon's, AdamW's) named parameters, as the Muon paper splits them: Muon takes the 2-D projection
+    matrices of the blocks' mixers and MLPs (nn.Linear weights, and the memory mixers' query matrix `w_q`);
+    AdamW takes the embeddings (the tied head is the token embedding), norms, biases, convolution taps, the
+    decay and skip parameters, the gates (the memory mixers' output gate `gate`, MoM's `router`), and the
+    memory mixers' fused per-memory input projections `w_in`: a 3-D stack (memories, d_model, q|k|v|a|b
+    columns) whose a and b columns are gates, which torch.optim.Muon (2-D matrices only) cannot take."""
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    gates = {id(p) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in ("gate", "router")
+             for p in m.parameters()}
+    matrices, rest = [], []
+    for name, p in model.named_parameters():
+        in_block = name.startswith("blocks.") and (".mixer." in name or ".mlp." in name)
+        projection = id(p) in linear_weights or name.endswith(".w_q")
+        take = in_block and projection and p.ndim == 2 and id(p) not in gates
+        (matrices if take else rest).append((name, p))
+    return matrices, rest
+
+
+class Optimizers:
+    """Several optimizers stepped as one (Muon for the matrices, AdamW for the rest): `param_groups` lists
+    every group, so the schedule reaches them all."""
+
+    def __init__(self, optimizers: List[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
 
 
 def train_step(model, opt, grad_clip: float, device: torch.device, graph: bool, name: str) -> Replay:
@@ -192,7 +252,11 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
     device = runtime.device(cfg.device)
     record["hardware"] = runtime.hardware(device.type)
     train_slices, test_slices = build_mqar(cfg.data)
-    model = build_model(cfg.model, cfg.data.vocab_size).to(device)
+    model_cfg = cfg.model
+    if model_cfg.positions == "learned" and not model_cfg.max_positions:  # as many rows as the longest input
+        longest = max(s.inputs.shape[1] for s in [*train_slices, *test_slices])
+        model_cfg = dataclasses.replace(model_cfg, max_positions=longest)
+    model = build_model(model_cfg, cfg.data.vocab_size).to(device)
     record["model"] = records.model_summary(model, record["config"]["model"], max(s.seq_len for s in test_slices))
 
     o = cfg.optim
@@ -208,7 +272,12 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
     # The data is small next to GPU memory: move it once instead of copying every batch.
     data = [supervised(s, device) for s in train_slices]
 
-    step_fn = train_step(model, opt, o.grad_clip, device, graph, f"{record['run_id']}: train step")
+    train_graph = graph and o.optimizer != "muon"
+    if graph and not train_graph:
+        record["cuda_graph_note"] = ("train step eager: torch.optim.Muon reads its learning rate as a Python "
+                                     "number every step, a host sync that a CUDA graph cannot capture")
+        log.info("%s: %s", record["run_id"], record["cuda_graph_note"])
+    step_fn = train_step(model, opt, o.grad_clip, device, train_graph, f"{record['run_id']}: train step")
     correct = Replay(correct_counter(model, device), graph, f"{record['run_id']}: evaluation step")
 
     curve: List[List[float]] = []
@@ -234,7 +303,7 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
         t0 = time.perf_counter()
         for i, idx in _batches(train_slices, cfg.data.batch_size, gen, device):
             x, positions, y = (t[idx] for t in data[i])
-            factor = _lr_factor(step, o.warmup_steps, total)
+            factor = _lr_factor(step, o.warmup_steps, total, o.schedule, epoch - 1, o.epochs)
             for group in opt.param_groups:
                 if torch.is_tensor(group["lr"]):
                     group["lr"].fill_(o.lr * factor)
@@ -253,12 +322,13 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
         train_time += epoch_time
 
         t0 = time.perf_counter()
-        acc = evaluate(model, test_slices, cfg.data.test_batch_size, device, correct=correct)  # ends synced
+        with router_stats.collect(model) as router:  # the MoM layers' routing on the test set ([] without)
+            acc = evaluate(model, test_slices, cfg.data.test_batch_size, device, correct=correct)  # ends synced
         seconds = time.perf_counter() - t0
         eval_time += seconds
         mean = sum(acc.values()) / len(acc)
         history.append({"epoch": epoch, "mean": mean, "accuracy": acc, "train_time_s": round(epoch_time, 3),
-                        "eval_time_s": round(seconds, 3)})
+                        "eval_time_s": round(seconds, 3), "router": router.layers})
         if mean > best["mean"]:
             best = {"mean": mean, "epoch": epoch, "accuracy": acc}
         bar.set_postfix(loss=curve[-1][1], acc=round(mean, 3))
@@ -268,6 +338,7 @@ def _run(cfg: RunConfig, record: Dict[str, Any]) -> None:
 
     record.update({
         "accuracy": best["accuracy"], "mean_accuracy": best["mean"], "best_epoch": best["epoch"],
+        "last_accuracy": history[-1]["accuracy"], "last_mean_accuracy": history[-1]["mean"],
         "epochs_run": epoch, "steps": step, "eval_history": history, "loss_curve": curve,
         "train_tokens": tokens, "train_time_s": round(train_time, 3), "eval_time_s": round(eval_time, 3),
         "throughput_tokens_per_s": round(tokens / max(train_time, 1e-9), 1),

@@ -179,7 +179,7 @@ def test_state_sizes_follow_zoology():
 
 
 def test_unknown_mixer_and_bad_topk_are_named():
-    with pytest.raises(ValueError, match="unknown mixer 'foo'; known: attention, deltanet"):
+    with pytest.raises(ValueError, match="unknown mixer 'foo'; known: attention, .*gated_deltanet.*, mom,"):
         build_mixer("foo", config())
     with pytest.raises(ValueError, match="topk must be in"):
         build_mixer("mom", config(num_memories=2, topk=3))

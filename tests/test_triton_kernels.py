@@ -477,3 +477,28 @@ def test_gpu_step(algo, D, dtype):
     o2, _ = TS.step(**qkv, state=pool, index=index,
                            **{n: (t.float() if torch.is_tensor(t) else t) for n, t in kw.items()})
     compare({"o": o2.double(), "state": pool[index].double()}, {"o": o_ref, "state": s_ref}, tol, metric)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("D", [64, 128, 256, 512])
+@pytest.mark.parametrize("algo", [a for a, (_, _, delta) in ALGORITHMS.items() if delta])
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_negative_eigenvalues(algo, D, dtype):
+    """beta in (0, 2) (model.negative_eigenvalues): the delta rule's eigenvalue 1 - beta along k turns
+    negative; chunked core in packed segments and the decoding step against the reference."""
+    lens = [0, 1, 700, 64, 0, 63, 1, 129]
+    cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0)
+    inputs, delta = make_inputs(algo, 1, sum(lens), 2, D, D, seed=D + 3, N=len(lens))
+    inputs["beta"] = 2 * inputs["beta"]
+    tol, metric = GPU_TOL[dtype]
+    kw = dict(delta=delta, normalize_qk=True, chunk_size=64, cu_seqlens=cu)
+    rounded = {n: (x.to(dtype).double() if n in ("q", "k", "v", "beta") else x) for n, x in inputs.items()}
+    compare(run(TC.chunk, inputs, dtype, **kw), run(R.chunk, rounded, torch.float64, **kw), tol, metric)
+    one = {n: (t[0, :8] if n != "initial_state" else t[:8]) for n, t in inputs.items()}
+    step_kw = dict(g=one.get("g"), beta=one["beta"], delta=delta, normalize_qk=True)
+    qkv = {n: one[n].to(dtype) for n in ("q", "k", "v")}
+    o_ref, s_ref = R.step(**{n: t.double() for n, t in qkv.items()}, state=one["initial_state"], **step_kw)
+    o, s = TS.step(**qkv, state=one["initial_state"].float(),
+                   **{n: (t.float() if torch.is_tensor(t) else t) for n, t in step_kw.items()})
+    compare({"o": o.double(), "state": s.double()}, {"o": o_ref, "state": s_ref}, tol, metric)

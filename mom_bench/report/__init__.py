@@ -13,6 +13,9 @@ under `root`, at any depth, so one report can cover several sweeps, and writes
     figures/*.png, figures/*.svg   the figures listed by `figure_specs`
     report.ipynb, report.html      a notebook that rebuilds the tables and draws every figure with this
                                    package, executed headless (nbclient) and exported (nbconvert)
+    mom_study/                     where MoM runs have single-memory partners of equal state or router
+                                   statistics: the study's points, pairs, router tables and figures
+                                   (mom_bench.study)
 
 The notebook is executed with nbclient and ipykernel and exported with nbconvert; without them it is written
 unexecuted (with a warning) and tables and figures are unaffected. `--no-execute` skips the execution.
@@ -71,6 +74,9 @@ def write_report(root: str | os.PathLike, out: Optional[str | os.PathLike] = Non
     tmp = files.temp_dir(out.parent, out.name)
     try:
         written = write_tables(res, tmp) + write_figures(res, tmp)
+        from mom_bench.study import write_study  # here: mom_bench.study imports this package
+
+        written += write_study(res, tmp)  # mom_study/, where the records hold MoM pairs or router statistics
         try:
             written += write_notebook(res, tmp, execute=execute)
             error = None

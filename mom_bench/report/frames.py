@@ -1,5 +1,6 @@
-"""Records as tables: one row per MQAR run, the best learning rate per (sweep, model, d_model, train)
-over seeds, benchmark timings, real-task scores, failures and invalid records (`load`)."""
+"""Records as tables: one row per MQAR run (its accuracies those of the epoch its config's
+`reported_epoch` names, best or last; both means are columns), the best learning rate per (sweep, model,
+d_model, train) over seeds, benchmark timings, real-task scores, failures and invalid records (`load`)."""
 from __future__ import annotations
 
 import json
@@ -17,10 +18,10 @@ KEY = ["sweep", "model", "d_model", "train"]
 SLICE = re.compile(r"^L(\d+)_n(\d+)$")
 # Whole numbers that some rows lack: nullable Int64, so that CSV says 16384, not 16384.0.
 INTEGERS = ["memories", "topk", "state_total", "state_active", "state_total_bytes", "state_active_bytes",
-            "params", "best_epoch"]
+            "state_mixer_bytes", "params", "best_epoch"]
 # Carried from the chosen runs into the best table (the first run's value: equal across seeds).
-CARRIED = ["mixer", "memories", "topk", "state_total", "state_active", "state_total_bytes",
-           "state_active_bytes", "params", "device_name"]
+CARRIED = ["mixer", "epoch", "memories", "topk", "state_total", "state_active", "state_total_bytes",
+           "state_active_bytes", "state_mixer_bytes", "params", "device_name"]
 
 
 class NoRecords(FileNotFoundError):
@@ -72,13 +73,21 @@ def runs_frame(recs: List[Dict[str, Any]]) -> pd.DataFrame:
         c, m = r["config"], r["config"]["model"]
         routed = "mom" in records.model_label(m)
         state = (r.get("model") or {}).get("state_size") or {}
+        history = r.get("eval_history") or []
+        last = r.get("last_accuracy") or (history[-1].get("accuracy") if history else None)
+        last_mean = r.get("last_mean_accuracy", history[-1].get("mean") if history else None)
+        shown_epoch = c.get("reported_epoch", "best")  # Zoology's protocol reports the last epoch
+        shown, shown_mean = ((last, last_mean) if shown_epoch == "last" else (r.get("accuracy"), r.get("mean_accuracy")))
+        own = _own_state(state, m)
         rows.append({
             "sweep": c.get("sweep_name", ""), "model": label, "mixer": m["mixer"], "d_model": m["d_model"],
             "memories": m.get("num_memories") if routed else None, "topk": m.get("topk") if routed else None,
             "train": records.train_label(c["data"]), "lr": c["optim"]["lr"], "seed": c.get("seed"),
-            "status": r.get("status", "failed"), **(r.get("accuracy") or {}), "mean": r.get("mean_accuracy"),
+            "status": r.get("status", "failed"), **(shown or {}), "mean": shown_mean,
+            "epoch": shown_epoch, "mean_best_epoch": r.get("mean_accuracy"), "mean_last_epoch": last_mean,
             "state_total": state.get("total"), "state_active": state.get("active"),
             "state_total_bytes": state.get("total_bytes"), "state_active_bytes": state.get("active_bytes"),
+            "state_mixer_bytes": own,
             "params": (r.get("model") or {}).get("params"),
             "throughput_tokens_per_s": r.get("throughput_tokens_per_s"),
             "device_name": (r.get("hardware") or {}).get("device_name"),
@@ -94,6 +103,15 @@ def runs_frame(recs: List[Dict[str, Any]]) -> pd.DataFrame:
     return df
 
 
+def _own_state(state: Dict[str, Any], model: Dict[str, Any]) -> Any:
+    """fp32 bytes of one layer of the model's own sequence mixer (this project's per-mixer count): the last
+    layer's mixer of a pattern (a Based-figure-2 hybrid's [base_conv, mixer]: the mixer), else `mixer`.
+    None for records written before per-mixer counts existed."""
+    per_mixer = state.get("per_mixer") or {}
+    name = (model.get("pattern") or [model["mixer"]])[-1]
+    return (per_mixer.get(name) or {}).get("bytes")
+
+
 def _integers(df: pd.DataFrame) -> pd.DataFrame:
     for col in INTEGERS:
         if col in df.columns:
@@ -103,7 +121,9 @@ def _integers(df: pd.DataFrame) -> pd.DataFrame:
 
 def best_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Best lr per KEY by accuracy averaged over seeds; mean and std over the seeds at that lr."""
-    metrics = slice_columns(runs) + ["mean"]
+    # `mean` and the slices are the accuracy of the epoch the sweep reports (`epoch`: best or last); the
+    # other epoch's mean is kept beside it, so the table can say both.
+    metrics = slice_columns(runs) + ["mean", "mean_best_epoch", "mean_last_epoch"]
     rows = []
     for key, g in runs.groupby(KEY, sort=True, dropna=False):
         done = g[(g["status"] == "complete") & g["mean"].notna()]

@@ -38,6 +38,11 @@ def shown_table(best: pd.DataFrame, sweep: Optional[str] = None, pm: str = "±")
         "params": b["params"].map(lambda v: num(v, _fmt_params)),
         "failed": [f"{f}/{n}" for f, n in zip(b["failed"], b["runs"])],
     })
+    # Zoology's state count (every layer, a hybrid's convolution included) beside ours (one layer of the
+    # model's own mixer), where the two differ in kind: in sweeps with hybrids (labels such as base_conv+gla)
+    if "state_mixer_bytes" in b and b["model"].astype(str).str.contains(r"\+").any():
+        out.insert(out.columns.get_loc("state bytes") + 1, "mixer bytes",
+                   b["state_mixer_bytes"].map(lambda v: num(v, "{:.0f}".format)).to_numpy())
     return out.reset_index(drop=True)
 
 
@@ -55,10 +60,15 @@ def markdown(res: Results) -> str:
     lines = [f"# mom_bench report: {res.root.resolve().name}", "",
              f"{_count(runs)}. Best learning rate per (model, d_model, train): the lr "
              "with the highest accuracy averaged over seeds; accuracies are the mean over seeds at that lr, "
-             "± the sample standard deviation where several seeds exist. `failed` counts failed runs of "
-             "all learning rates.", ""]
+             "± the sample standard deviation where several seeds exist. Each sweep says whose accuracy it "
+             "shows: the best epoch's (this project's default) or the last epoch's (Zoology's protocol; the "
+             "sweep sets `reported_epoch`). `state bytes` sums every layer's state, a hybrid's convolution "
+             "layer included (Zoology's count); `mixer bytes`, shown beside it for hybrids, is one layer of "
+             "the model's own mixer. `failed` counts failed runs of all learning rates.", ""]
     for sweep in sorted(res.best["sweep"].unique()) if len(runs) else []:
-        lines += [f"## {sweep}", "", f"{_count(runs[runs['sweep'] == sweep])}.", "",
+        epochs = sorted(set(res.best.loc[res.best["sweep"] == sweep, "epoch"].dropna()))
+        shows = f" Accuracy at the {' and '.join(epochs)} epoch." if epochs else ""
+        lines += [f"## {sweep}", "", f"{_count(runs[runs['sweep'] == sweep])}.{shows}", "",
                   shown_table(res.best, sweep).to_markdown(index=False, disable_numparse=True), ""]
     if len(res.bench):
         b = res.bench.assign(tokens_per_s=res.bench["tokens_per_s"].map("{:.3g}".format))
@@ -84,7 +94,9 @@ def latex(res: Results) -> str:
         t = shown_table(res.best, sweep, pm=r"$\pm$")
         t = t.apply(lambda col: col.map(lambda v: v if "$" in v else _latex_escape(v)))
         t.columns = [_latex_escape(c) for c in t.columns]
-        caption = _latex_escape(f"{sweep}: best learning rate per (model, d_model, train); mean over seeds")
+        epochs = sorted(set(res.best.loc[res.best["sweep"] == sweep, "epoch"].dropna()))
+        caption = _latex_escape(f"{sweep}: best learning rate per (model, d_model, train); mean over seeds; "
+                                f"accuracy at the {' and '.join(epochs) or 'best'} epoch")
         parts.append(t.to_latex(index=False, escape=False, caption=caption,
                                 label=f"tab:{re.sub(r'[^A-Za-z0-9]+', '-', sweep)}"))
     return "\n".join(parts)
