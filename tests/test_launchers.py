@@ -92,7 +92,7 @@ def ray_cluster():
         assert address.exists(), "the Ray head did not start"
         yield address.read_text().strip(), env
     finally:
-        os.killpg(head.pid, signal.SIGKILL)  # its own session: the head and every process it started
+        os.killpg(head.pid, signal.SIGKILL)  # its own process group: the head and every process it started
         head.wait()
         shutil.rmtree(temp, ignore_errors=True)
 
