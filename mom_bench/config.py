@@ -113,8 +113,9 @@ def validate(cfg) -> None:
     _require(m.mlp_ratio > 0, "model.mlp_ratio", f"must be positive, got {m.mlp_ratio}")
     _require(m.conv_size >= 0, "model.conv_size", f"must be >= 0 (0 disables it), got {m.conv_size}")
     _require(0 <= m.embed_dropout < 1, "model.embed_dropout", f"must be in [0, 1), got {m.embed_dropout}")
-    _require(m.d_model % m.num_heads == 0, "model.d_model",
-             f"{m.d_model} is not divisible by model.num_heads={m.num_heads}")
+    # the heads' width is d_model / num_heads unless head_dim sets it (the heads then need not add up to d_model)
+    _require(m.head_dim is not None or m.d_model % m.num_heads == 0, "model.d_model",
+             f"{m.d_model} is not divisible by model.num_heads={m.num_heads} (or set model.head_dim)")
     _require(m.topk <= m.num_memories, "model.topk", f"{m.topk} exceeds model.num_memories={m.num_memories}")
     _require(m.memory in KINDS, "model.memory", f"{m.memory!r} is not one of {', '.join(sorted(KINDS))}")
     _require(m.householder_steps >= 1, "model.householder_steps", f"must be at least 1, got {m.householder_steps}")

@@ -204,3 +204,18 @@ def test_required_values_are_named_when_missing():
     with pytest.raises(ConfigError, match=r"^checkpoint: required, with no default \(add checkpoint=\.\.\.\)"):
         merge_checked(EvalConfig, {})
     assert merge_checked(EvalConfig, {"checkpoint": "ckpt"}).checkpoint == "ckpt"
+
+
+@pytest.mark.parametrize("mixer", ["attention", "gated_deltanet", "gla", "mom", "sliding_window", "based"])
+def test_heads_set_by_head_dim_need_not_add_up_to_d_model(mixer):
+    # 3 heads of 16 on d_model 40: valid once head_dim is given, and the model maps (B, T, 40) to logits
+    import torch
+
+    from mom_bench.models import build_model
+
+    cfg = ModelConfig(mixer=mixer, d_model=40, num_heads=3, head_dim=16, embed_dropout=0.0)
+    validate(run_config(model=cfg))
+    with pytest.raises(ConfigError, match="^model.d_model"):
+        validate(run_config(model=dataclasses.replace(cfg, head_dim=None)))
+    logits, _ = build_model(cfg, 32)(torch.randint(0, 32, (2, 12)))
+    assert logits.shape == (2, 12, 32) and logits.isfinite().all()
