@@ -57,7 +57,8 @@ def build_mixer(name: str, cfg: ModelConfig) -> nn.Module:
         kwargs.update(kind=cfg.memory, num_memories=cfg.num_memories, topk=cfg.topk,
                       shared_memory=cfg.shared_memory, aux_loss_coef=cfg.aux_loss_coef)
     if MIXERS[name] is MemoryMixer or getattr(MIXERS[name], "func", None) is MemoryMixer:  # the memory kinds' options
-        kwargs.update(negative_eigenvalues=cfg.negative_eigenvalues, householder_steps=cfg.householder_steps)
+        kwargs.update(negative_eigenvalues=cfg.negative_eigenvalues, householder_steps=cfg.householder_steps,
+                      d_state=cfg.d_state)
     if name == "attention":  # Zoology's MHA options; sliding_window keeps its rotary attention
         kwargs.update(bias=cfg.attn_bias, dropout=cfg.attn_dropout, rotary=cfg.positions == "rotary")
     if name in ZOOLOGY_MIXERS:

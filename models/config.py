@@ -29,6 +29,8 @@ class ModelConfig:
     # the memory kinds' options
     negative_eigenvalues: bool = False  # beta = 2 sigmoid in (0, 2) instead of (0, 1); delta-rule kinds only
     householder_steps: int = 2  # DeltaProduct (mixer or memory delta_product): delta-rule steps per token
+    d_state: Optional[int] = None  # the key dim per head (q and k; Mamba-2's B and C): a state of d_state x head_dim
+    #                                per head; default head_dim (head_dim x head_dim)
     # base_conv, based, sliding_window
     base_conv_kernel: int = 3  # base_conv: taps of its short convolution (3 in Zoology's Based figure 2)
     long_conv_len: int = 1024  # base_conv_long: positions its filter spans (Zoology's l_max), >= the longest input

@@ -112,7 +112,8 @@ class MemoryMixer(nn.Module):
     def __init__(self, d_model: int, num_heads: int = 1, head_dim: Optional[int] = None,
                  kind: str = "gated_delta", num_memories: int = 0, topk: int = 2, shared_memory: bool = True,
                  conv_size: int = 4, chunk_size: int = 64, aux_loss_coef: float = 0.01,
-                 negative_eigenvalues: bool = False, householder_steps: int = 2, **_):
+                 negative_eigenvalues: bool = False, householder_steps: int = 2, d_state: Optional[int] = None,
+                 **_):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"memory kind must be one of {sorted(KINDS)}, got {kind!r}")
@@ -130,12 +131,21 @@ class MemoryMixer(nn.Module):
         # DeltaProduct runs each token as n sub-tokens of the core (n = 1 for every other kind)
         self.n = householder_steps if self.kind.householder else 1
         self.d_model, self.H = d_model, num_heads
-        self.K = self.V = head_dim or d_model // num_heads
+        # The value dim V is the head dim; the key dim K (q and k per head: Mamba-2's C and B, the width of
+        # GLA's and KDA's per-channel decays, Hedgehog's map input) is d_state, else the head dim. The core
+        # takes q, k (.., H, K) and v (.., H, V) apart, so every kind takes K != V; the state is H x K x V.
+        if d_state is not None and d_state < 1:
+            raise ValueError(f"model.d_state (the key dim per head) must be positive, got {d_state}")
+        self.V = head_dim or d_model // num_heads
+        self.K = d_state or self.V
         self.Kf = 2 * self.K if self.kind.feature_map else self.K  # the state's key dim: Hedgehog doubles it
-        if self.Kf > kernels.MAX_HEAD_DIM:
-            what = "twice the head dim (Hedgehog's features)" if self.kind.feature_map else "head dim"
-            raise ValueError(f"{what} {self.Kf} (head_dim, else d_model / num_heads = {d_model} / {num_heads}) "
-                             f"exceeds the {kernels.MAX_HEAD_DIM} that the Triton kernels take")
+        head = f"head_dim, else d_model / num_heads = {d_model} / {num_heads}"
+        key = ("key dim" if d_state else "head dim", "model.d_state" if d_state else head)
+        if self.kind.feature_map:
+            key = (f"twice the {key[0]} (Hedgehog's features)", key[1])
+        for (what, of), dim in ((("head dim", head), self.V), (key, self.Kf)):
+            if dim > kernels.MAX_HEAD_DIM:
+                raise ValueError(f"{what} {dim} ({of}) exceeds the {kernels.MAX_HEAD_DIM} that the Triton kernels take")
         self.routed, self.topk = num_memories, topk
         self.shared = shared_memory or num_memories == 0
         self.M = self.routed + int(self.shared)

@@ -119,6 +119,8 @@ def validate(cfg) -> None:
     _require(m.topk <= m.num_memories, "model.topk", f"{m.topk} exceeds model.num_memories={m.num_memories}")
     _require(m.memory in KINDS, "model.memory", f"{m.memory!r} is not one of {', '.join(sorted(KINDS))}")
     _require(m.householder_steps >= 1, "model.householder_steps", f"must be at least 1, got {m.householder_steps}")
+    _require(m.d_state is None or 0 < m.d_state <= MAX_HEAD_DIM, "model.d_state",
+             f"must be in [1, {MAX_HEAD_DIM}] (the key dim per head; unset: head_dim), got {m.d_state}")
     # the memory kind of every layer (None for mixers that are not memory mixers)
     kinds = {name: m.memory if name == "mom" else getattr(MIXERS[name], "keywords", {}).get("kind")
              for name in m.pattern or [m.mixer]}

@@ -53,15 +53,17 @@ def memory_kind(model: Dict[str, Any]) -> Optional[str]:
 
 def config_state(model: Dict[str, Any]) -> Optional[Dict[str, int]]:
     """{"total", "active"} state in values of a memory-mixer model config (None for other models): every
-    layer holds M memories of H heads x K_state x V (Hedgehog's state has twice the head dim as keys)."""
+    layer holds M memories of H heads x K_state x V: V the head dim, K_state model.d_state, else the head dim
+    (Hedgehog's state has twice that as keys)."""
     from mom_bench.models import KINDS
 
     kind = memory_kind(model)
     if kind is None:
         return None
     model = _complete(model)
-    k = model.get("head_dim") or model["d_model"] // model["num_heads"]
-    per_memory = model["num_heads"] * k * (2 * k if KINDS[kind].feature_map else k)
+    v = model.get("head_dim") or model["d_model"] // model["num_heads"]
+    k = model.get("d_state") or v
+    per_memory = model["num_heads"] * (2 * k if KINDS[kind].feature_map else k) * v
     routed = model["mixer"] == "mom"
     shared = int(bool(model["shared_memory"])) if routed else 1
     memories, active = (model["num_memories"] + shared, model["topk"] + shared) if routed else (1, 1)

@@ -297,6 +297,14 @@ CASES.update({
     "mom_kda_negative_eigenvalues_no_shared": dict(mixer="mom", memory="kda", negative_eigenvalues=True,
                                                    shared_memory=False, num_memories=3, topk=1),
     "mom_delta_product_3_steps": dict(mixer="mom", memory="delta_product", householder_steps=3),
+    # model.d_state: a key dim (4) below the head dim (8), the state d_state x head_dim per head
+    **{f"{name}_d_state": dict(mixer=name, d_state=4) for name in ("mamba2", "gated_deltanet", "gla")},
+    **{f"mom_{kind}_d_state": dict(mixer="mom", memory=kind, d_state=4) for kind in ("mamba2", "gated_delta", "gla")},
+    "mamba2_d_state_no_conv": dict(mixer="mamba2", d_state=4, conv_size=0),
+    "hedgehog_d_state": dict(mixer="hedgehog", d_state=4),
+    "kda_d_state": dict(mixer="kda", d_state=4),
+    "delta_product_d_state": dict(mixer="delta_product", d_state=4, householder_steps=3),
+    "gla_d_state_wider": dict(mixer="gla", d_state=12),  # a key dim above the head dim
 })
 
 
@@ -325,3 +333,87 @@ def test_every_new_mixer_is_registered_with_its_kind():
     for name, kind in (("kda", "kda"), ("retnet", "retnet"), ("hedgehog", "hedgehog"),
                        ("delta_product", "delta_product")):
         assert MIXERS[name].keywords == dict(kind=kind, num_memories=0)
+
+
+D_STATE = 4  # below the head dim K = 8 of the mixers here
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_d_state_sets_the_key_dim_and_the_state(kind):
+    """model.d_state: q and k (and GLA's / KDA's per-channel decay, Hedgehog's map) d_state wide per head, v
+    the head dim; the state (B, M, H, d_state (twice for Hedgehog), head_dim) from init_state and from
+    prefill; state_size H x d_state x head_dim per memory."""
+    mixer = MemoryMixer(16, H, kind=kind, num_memories=3, topk=2, d_state=D_STATE, chunk_size=8).double()
+    n, Kf = mixer.n, (2 if mixer.kind.feature_map else 1) * D_STATE
+    assert (mixer.K, mixer.Kf, mixer.V) == (D_STATE, Kf, K)
+    assert mixer.widths[:3] == (H * D_STATE, n * H * D_STATE, n * H * K)
+    assert mixer.widths[3] == {"channel": H * D_STATE, "channel_dt": H * D_STATE, None: 0, "fixed": 0}.get(
+        mixer.kind.decay, H)
+    assert mixer.conv.weight.shape[0] == sum(mixer.widths[:3])
+    if kind == "kda":
+        assert mixer.dt_bias.shape == (H * D_STATE,)
+    if mixer.kind.feature_map:
+        assert mixer.fm_weight.shape == (2, H, D_STATE, D_STATE)
+    assert mixer.norm.weight.shape == (K,) and mixer.gate.out_features == mixer.out.in_features == H * K
+    assert mixer.init_state(3, "cpu")["S"].shape == (3, 4, H, Kf, K)
+    _, state = mixer.prefill(torch.randn(3, 6, 16, dtype=torch.float64))
+    assert state["S"].shape == (3, 4, H, Kf, K)
+    assert state["conv"].shape == mixer.init_state(3, "cpu")["conv"].shape
+    per_memory = H * Kf * K
+    assert mixer.state_size(64) == {"total": 4 * per_memory, "active": 3 * per_memory}
+
+
+def test_d_state_reaches_the_core_as_the_key_dim(monkeypatch):
+    """Mamba-2 with d_state: the core sees q, k (B, T, H, d_state) and v (B, T, H, head_dim)."""
+    calls, real = [], kernels.chunk
+    monkeypatch.setattr(kernels, "chunk", lambda q, k, v, **kw: calls.append((q, k, v)) or real(q, k, v, **kw))
+    build_mixer("mamba2", ModelConfig(d_model=16, num_heads=H, d_state=D_STATE))(torch.randn(2, 7, 16))
+    q, k, v = calls[0]
+    assert q.shape == k.shape == (2, 7, H, D_STATE) and v.shape == (2, 7, H, K)
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "gated_delta", "gla", "kda", "hedgehog", "delta_product"])
+def test_d_state_chunked_matches_recurrent(kind):
+    """The core on a kind's inputs with K != V: chunked = recurrent, output, final state and gradients."""
+    torch.manual_seed(0)
+    mixer = MemoryMixer(16, H, K, kind=kind, conv_size=0, d_state=D_STATE).double()
+    h0 = torch.randn(2, H, mixer.Kf, mixer.V, dtype=torch.float64)
+    inputs = [h0] + raw_inputs(mixer, 2 * 13, seed=1)
+    out = [grads(core(form, mixer, 2, 13, **kw), inputs) for form, kw in (("recurrent", {}),
+                                                                           ("chunk", dict(chunk_size=4)))]
+    for a, b in zip(*out):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+
+
+def test_d_state_state_size_of_the_model_and_of_the_config():
+    """Zoology's state size: layers x H x d_state x head_dim for Mamba-2 (2 layers of 2 heads of 8 here), the
+    model's and the one the MoM study computes from a config alike; unset, head_dim x head_dim."""
+    from dataclasses import asdict
+
+    from mom_bench.models import build_model
+    from mom_bench.study import config_state
+
+    for model in (dict(mixer="mamba2"), dict(mixer="gla"), dict(mixer="hedgehog"),
+                  dict(mixer="mom", memory="gated_delta", num_memories=3, topk=1)):
+        for d_state in (None, D_STATE):
+            cfg = ModelConfig(d_model=16, num_heads=H, n_layers=2, d_state=d_state, **model)
+            got = build_model(cfg, 50).state_size(64)
+            keys = (2 if model["mixer"] == "hedgehog" else 1) * (d_state or K)
+            memories = (4, 2) if model["mixer"] == "mom" else (1, 1)
+            assert got == {"total": 2 * memories[0] * H * keys * K, "active": 2 * memories[1] * H * keys * K}
+            assert config_state(asdict(cfg)) == got
+    assert config_state(dict(mixer="mamba2", d_model=64, num_heads=2, n_layers=2)) == {"total": 2 * 2 * 32 * 32,
+                                                                                      "active": 2 * 2 * 32 * 32}
+
+
+def test_d_state_is_checked():
+    with pytest.raises(ConfigError, match="^model.d_state: must be in \\[1, 512\\]"):
+        validate(RunConfig(model=ModelConfig(mixer="mamba2", d_state=0)))
+    with pytest.raises(ConfigError, match="^model.d_state: must be in \\[1, 512\\]"):
+        validate(RunConfig(model=ModelConfig(mixer="mamba2", d_state=513)))
+    validate(RunConfig(model=ModelConfig(mixer="mamba2", d_state=16)))
+    with pytest.raises(ValueError, match="model.d_state .* must be positive"):
+        MemoryMixer(16, H, kind="mamba2", d_state=0)
+    with pytest.raises(ValueError, match="twice the key dim \\(Hedgehog's features\\) 600 \\(model.d_state\\) exceeds"):
+        build_mixer("hedgehog", ModelConfig(d_model=16, num_heads=H, d_state=300))
+    assert build_mixer("gla", ModelConfig(d_model=16, num_heads=H)).K == K  # unset: the head dim

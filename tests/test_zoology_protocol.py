@@ -57,6 +57,7 @@ BASED_FIG2 = {
         "sliding_window": ("based_fig2_sliding_window", [128], 1, True),
     },
     "windows": [8, 16, 32, 64, 128, 256, 512, 1024], "based_feature_dims": [8, 16, 24],
+    "mamba2_d_states": [8, 16, 24],  # add_mamba2: d_state per width (model.d_state: B and C, q and k here)
 }
 # zoology/train.py Trainer.fit: AdamW(lr, weight_decay) with torch's default betas, no clipping,
 # CosineAnnealingLR(T_max=max_epochs, eta_min=0) stepped after each epoch; weight decay 0.1.
@@ -122,6 +123,7 @@ def test_based_fig2_sweeps_are_based_figure2():
     # Based's feature dims: Zoology's, less those whose 1 + F + F^2 features pass the kernels' 512 keys
     dims = [int(f) for f in params(composed("sweep=based_fig2_based"))["model.feature_dim"]]
     assert dims == [f for f in z["based_feature_dims"] if 1 + f + f * f <= 512]
+    assert [int(n) for n in params(composed("sweep=based_fig2_mamba2"))["model.d_state"]] == z["mamba2_d_states"]
     assert composed("sweep=based_fig2", "model=based_fig2/gla").model.conv_size == 0  # GLA: use_short_conv False
 
 
