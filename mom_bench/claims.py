@@ -139,9 +139,13 @@ def claim(record: Path) -> Optional[Claim]:
             aside.unlink(missing_ok=True)
             log.warning("taking over the stale claim %s (%s)", lock, describe(held))
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
-        return Claim(lock, token)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f)
+            return Claim(lock, token)
+        except BaseException:  # Ctrl-C (or a full disk) between creating the lock and holding it: leave none
+            lock.unlink(missing_ok=True)
+            raise
     return None
 
 

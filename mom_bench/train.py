@@ -49,12 +49,15 @@ def train(cfg: Any) -> Dict[str, Any]:
         holder = claims.holder(path)
         log.warning("skip %s: another process is training it (%s)", rid, holder)
         return {"run_id": rid, "status": "running", "reason": f"claimed by {holder}", "config": config}
-    with claim:
+    # try/finally, not `with claim:`: a Ctrl-C can land as `__enter__` starts, before a with block holds it
+    try:
         if records.is_complete(path):
             log.info("skip %s: complete record exists at %s", rid, path)
             return records.load_record(path)
         record = _attempt(cfg, config, rid)
         _write(path, record)
+    finally:
+        claim.release()
     return record
 
 

@@ -152,6 +152,17 @@ def test_a_claimed_run_is_not_trained_again(tmp_path, monkeypatch):
     assert not path.with_suffix(".lock").exists() and claims.claim(path) is not None
 
 
+def test_ctrl_c_while_claiming_leaves_no_lock(tmp_path, monkeypatch):
+    # the lock exists from os.open on; an interrupt before the Claim holds it must not leave it behind
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(claims.json, "dump", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        claims.claim(tmp_path / "run.json")
+    assert not list(tmp_path.iterdir())
+
+
 def test_stale_claims_are_taken_over(tmp_path):
     record = tmp_path / "run.json"
     lock = record.with_suffix(".lock")
