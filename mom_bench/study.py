@@ -4,8 +4,8 @@ Its sweeps (conf/sweep/mom_study_*.yaml) run MoM beside single memories of the s
 the same total state (E + 1 memories of H heads: (E + 1) H heads) or the same active state ((top-k + 1) H
 heads). Here the pairs are found by their numbers, not by their names:
 
-- `config_state` is a model config's recurrent state in values, {"total", "active"}, by the arithmetic of
-  MemoryMixer.state_size (tests/test_mom_study.py checks it against built models);
+- `config_state` is a model config's recurrent state in values, {"total", "active"}: the state_size of
+  the model it builds;
 - `match` pairs every MoM point with each single memory of the same kind, sweep, training data, width
   and depth whose total state equals MoM's total ("total") or MoM's active state ("active");
 - `write_study`, called by the report, writes `mom_study/` when the records hold such pairs or router
@@ -52,22 +52,17 @@ def memory_kind(model: Dict[str, Any]) -> Optional[str]:
 
 
 def config_state(model: Dict[str, Any]) -> Optional[Dict[str, int]]:
-    """{"total", "active"} state in values of a memory-mixer model config (None for other models): every
-    layer holds M memories of H heads x K_state x V: V the head dim, K_state model.d_state, else the head dim
-    (Hedgehog's state has twice that as keys)."""
-    from mom_bench.models import KINDS
+    """{"total", "active"} state in values of a memory-mixer model config (None for other models): the
+    model's own `state_size`, built on the meta device (no memory, no initialisation) so the arithmetic
+    lives in one place. A memory mixer's state does not depend on the sequence length."""
+    import torch
 
-    kind = memory_kind(model)
-    if kind is None:
+    from mom_bench.models import ModelConfig, build_model
+
+    if memory_kind(model) is None:
         return None
-    model = _complete(model)
-    v = model.get("head_dim") or model["d_model"] // model["num_heads"]
-    k = model.get("d_state") or v
-    per_memory = model["num_heads"] * (2 * k if KINDS[kind].feature_map else k) * v
-    routed = model["mixer"] == "mom"
-    shared = int(bool(model["shared_memory"])) if routed else 1
-    memories, active = (model["num_memories"] + shared, model["topk"] + shared) if routed else (1, 1)
-    return {"total": model["n_layers"] * memories * per_memory, "active": model["n_layers"] * active * per_memory}
+    with torch.device("meta"):
+        return build_model(ModelConfig(**_complete(model)), vocab_size=1).state_size(1)
 
 
 def match(points: Sequence[Dict[str, Any]], key: Sequence[str] = MATCH_KEY) -> List[Tuple[int, int, str]]:

@@ -91,17 +91,21 @@ def test_knobs_move_one_at_a_time_from_the_default(study_points):
                      ("aux_loss_coef", 0.0)}
 
 
-def test_config_state_is_the_built_models_state_size(study_points):
-    seen = {}
+def test_config_state_counts_memories_heads_and_head_dims(study_points):
+    # By hand: a layer holds (memories) x H x K x V values; MoM's active memories are top-k + shared.
     for pts in study_points.values():
         for p in pts:
-            seen.setdefault(str(sorted(p["model"].items())), p["model"])
-    extra = [dict(next(iter(seen.values())), mixer="hedgehog", num_heads=4, head_dim=None),  # twice the keys
-             dict(next(iter(seen.values())), mixer="mom", memory="hedgehog", num_heads=2, head_dim=16)]
-    torch.manual_seed(0)
-    for m in list(seen.values()) + extra:
-        assert study.config_state(m) == build_model(ModelConfig(**m), vocab_size=16).state_size(512), m
-    assert len(seen) >= 10
+            m = p["model"]
+            heads, v = m["num_heads"], m.get("head_dim") or m["d_model"] // m["num_heads"]
+            layer = heads * v * v
+            routed = m["mixer"] == "mom"
+            shared = int(m.get("shared_memory", True))
+            total = (m.get("num_memories", 4) + shared) if routed else 1
+            active = (m.get("topk", 2) + shared) if routed else 1
+            assert (p["total"], p["active"]) == (2 * total * layer, 2 * active * layer), m
+    hedgehog = dict(mixer="hedgehog", d_model=64, num_heads=4, n_layers=2)  # twice the keys: 2 x 4 x 32 x 16
+    assert study.config_state(hedgehog) == {"total": 4096, "active": 4096}
+    assert study.config_state(dict(mixer="attention", d_model=64)) is None
 
 
 def test_router_stats_count_the_routing():
